@@ -1,0 +1,1 @@
+"""Compression stages: one class per file, applied in the configured ``pipeline`` order."""
