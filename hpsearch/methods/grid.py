@@ -63,7 +63,7 @@ def fit_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[to
         wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
         scale = ((wmax - wmin) / maxq).clamp_min(1e-8)
         zero = None
-    scale = scale.half().float().clamp_min(torch.finfo(torch.float16).tiny)
+    scale = scale.half().float().clamp_min(2.0**-24)  # smallest float16 subnormal: never a zero scale
     if zero is None:
         zero = torch.round(-wmin / scale).clamp(0, maxq)
     return scale, zero

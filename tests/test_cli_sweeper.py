@@ -1,0 +1,141 @@
+"""The command line end to end, in subprocesses: a study, its resume, failures and NaNs,
+constraints, launcher batches, W&B offline runs, the report; and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def hpsearch(args, cwd, timeout=600):
+    env = {**os.environ, "PYTHONPATH": str(REPO / "tests"), "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "hpsearch", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def load(db: Path, name: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+
+
+@pytest.fixture(scope="module")
+def study_run(tmp_path_factory, tiny_model_dir):
+    """One study of 6 trials with a memory budget, W&B offline; then the same command resumed to 8."""
+    cwd = tmp_path_factory.mktemp("cli")
+    db = cwd / "multirun" / "s.db"
+    args = [f"model.name_or_path={tiny_model_dir}", "+experiment=quickstart", f"hydra.sweeper.storage=sqlite:///{db}",
+            "hydra.sweeper.study_name=cli", "hydra/sweeper/sampler=random", "objectives.perplexity.max_tokens=2048",
+            "constraints=['memory_gb<=0.00138']"]
+    first = hpsearch([*args, "hydra.sweeper.n_trials=6", "-m"], cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    after_first = load(db, "cli").trials
+    second = hpsearch([*args, "hydra.sweeper.n_trials=8", "-m"], cwd)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return cwd, db, after_first, first, second
+
+
+def test_study_has_baselines_first_and_three_objectives(study_run):
+    _, db, first_trials, _, _ = study_run
+    assert len(first_trials) == 6 and all(t.state == TrialState.COMPLETE for t in first_trials)
+    assert [t.user_attrs.get("baseline") for t in first_trials[:3]] == ["fp16", "w8", "w4"]
+    study = load(db, "cli")
+    assert study.metric_names == ["perplexity", "memory_gb", "latency_ms"]
+    fp16, w8, w4 = first_trials[:3]
+    assert fp16.values[1] > w8.values[1] > w4.values[1]  # memory falls with bits
+    assert all(t.user_attrs["latency_source"] == "roofline:h100" for t in first_trials)
+
+
+def test_resume_continues_the_study(study_run):
+    _, db, first_trials, _, second = study_run
+    trials = load(db, "cli").trials
+    assert len(trials) == 8
+    assert [t.params for t in trials[:6]] == [t.params for t in first_trials]
+    assert sum("baseline" in t.user_attrs for t in trials) == 3  # baselines are not enqueued again
+    assert "resuming study" in second.stderr + second.stdout
+
+
+def test_constraints_recorded_and_front_feasible(study_run):
+    _, db, _, _, _ = study_run
+    study = load(db, "cli")
+    for t in study.trials:
+        (value,) = t.constraints.values()
+        assert value == pytest.approx(t.values[1] - 0.00138)
+    assert all(all(v <= 0 for v in t.constraints.values()) for t in study.best_trials)
+
+
+def test_report_and_wandb_files(study_run):
+    cwd, db, _, first, _ = study_run
+    out = db.parent / "cli"
+    for name in ("report.md", "pareto.csv", "trials.csv", "perplexity_vs_memory_gb.png", "perplexity_vs_latency_ms.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert "Pareto front" in (out / "report.md").read_text()
+    assert "optuna-dashboard sqlite:///" in first.stderr + first.stdout
+    runs = glob.glob(str(cwd / "multirun" / "*" / "*" / "wandb" / "offline-run-*"))
+    files = [glob.glob(os.path.join(r, "run-*.wandb")) for r in runs]
+    assert len(runs) == 8 + 2  # one per trial, one pareto run per sweep
+    assert all(files)
+    manifests = glob.glob(str(cwd / "multirun" / "*" / "*" / "*" / "manifest.json"))
+    assert len(manifests) == 8
+
+
+def test_failures_and_nan_are_failed_trials_and_study_goes_on(tmp_path, tiny_model_dir):
+    db = tmp_path / "f.db"
+    result = hpsearch([
+        f"model.name_or_path={tiny_model_dir}", "+experiment=quickstart", f"hydra.sweeper.storage=sqlite:///{db}",
+        "hydra.sweeper.study_name=faults", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
+        "hydra.sweeper.baselines=false", "logging.wandb=false", "objectives.perplexity.max_tokens=1024",
+        "+stages.boom={_target_:faults.FailOnBits,bits:2}", "pipeline=[quantize,boom]",
+        "+objectives.nan_probe={_target_:faults.NaNOnBits,bits:3}", "-m"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(db, "faults").trials
+    assert len(trials) == 10
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed, "the seeded random sampler proposes 2- and 3-bit layers within 10 trials"
+    for t in trials:
+        bits = {v for k, v in t.params.items() if k.startswith("bits.")}
+        if 2 in bits:
+            assert t.state == TrialState.FAIL and "refusing 2-bit layers" in t.user_attrs["fail_reason"]
+        elif 3 in bits:
+            assert t.state == TrialState.FAIL and "nan_probe is nan" in t.user_attrs["fail_reason"]
+        else:
+            assert t.state == TrialState.COMPLETE
+    assert "## Failed trials" in (tmp_path / "faults" / "report.md").read_text()
+
+
+def test_joblib_launcher_runs_batches(tmp_path, tiny_model_dir):
+    db = tmp_path / "j.db"
+    result = hpsearch([
+        f"model.name_or_path={tiny_model_dir}", "+experiment=quickstart", f"hydra.sweeper.storage=sqlite:///{db}",
+        "hydra.sweeper.study_name=batches", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logging.wandb=false",
+        "objectives.perplexity.max_tokens=1024", "-m"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(db, "batches").trials
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert (result.stderr + result.stdout).lower().count("launching 2 jobs") == 2  # two batches of two
+    assert len(glob.glob(str(tmp_path / "multirun" / "*" / "*" / "[0-3]" / "manifest.json"))) == 4
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("model.name_or_path=/nonexistent/model", "model.name_or_path", "local model directory"),
+    ("search.layer.bits.choices=[4,5]", "search.layer.bits.choices", "2, 3, 4, 8, 16"),
+    ("hydra/sweeper/sampler=annealing", "hydra/sweeper/sampler", "nsgaii"),
+    ("constraints=['vram<=2']", "constraints[0]", "memory_gb"),
+    ("pipeline=[quantize,prunez]", "pipeline[1]", "quantize"),
+    ("stages.quantize.methodz=1", "stages.quantize", "methods"),
+])
+def test_bad_input_fails_fast_with_one_line(tmp_path, override, key, allowed):
+    result = hpsearch(["+experiment=quickstart", override, "-m"], tmp_path, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("hpsearch: error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    assert key in lines[0] and allowed in lines[0]
+    assert not (tmp_path / "multirun").exists()  # nothing ran
