@@ -139,3 +139,25 @@ def test_bad_input_fails_fast_with_one_line(tmp_path, override, key, allowed):
     assert len(lines) == 1, result.stderr[-2000:]
     assert key in lines[0] and allowed in lines[0]
     assert not (tmp_path / "multirun").exists()  # nothing ran
+
+
+def test_optuna_dashboard_serves_the_study(study_run):
+    import io
+    import json
+
+    from optuna_dashboard import wsgi
+
+    _, db, _, _, _ = study_run
+    app = wsgi(f"sqlite:///{db}")
+    status = {}
+
+    def start_response(code, headers, exc_info=None):
+        status["code"] = code
+
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies", "QUERY_STRING": "", "SERVER_NAME": "localhost",
+               "SERVER_PORT": "8080", "wsgi.input": io.BytesIO(b""), "wsgi.url_scheme": "http", "wsgi.errors": io.StringIO()}
+    body = b"".join(app(environ, start_response))
+    assert status["code"].startswith("200")
+    studies = json.loads(body)["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["cli"]
+    assert studies[0]["directions"] == ["minimize", "minimize", "minimize"]

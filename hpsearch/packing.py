@@ -1,0 +1,51 @@
+"""A packed model: every quantized linear replaced by the packed module its plan calls for.
+
+The quantization stages leave simulated weights in ``nn.Linear`` layers (for accuracy) and their
+codes in ``artifacts["quantized"]``; this swaps those layers for
+:class:`hpsearch.kernels.PackedLinear` (real low-bit storage, Triton kernels on CUDA), leaving 16-bit
+layers as they are. A layer whose weight no longer equals its codes (a later stage changed it) is
+left dense, and said so, rather than packed from stale codes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from hpsearch.methods.grid import QuantizedWeight
+
+__all__ = ["pack_model"]
+
+
+def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, check: bool = True) -> dict[str, str]:
+    """Replace, in place, each linear named in ``quantized`` by a ``PackedLinear``.
+
+    Returns:
+        layer name -> ``packed`` or the reason it stayed dense.
+    """
+    from hpsearch.kernels import SUPPORTED_BITS, PackedLinear
+
+    outcome: dict[str, str] = {}
+    for name, qw in quantized.items():
+        module = model.get_submodule(name)
+        if not isinstance(module, nn.Linear):
+            outcome[name] = f"dense: {type(module).__name__} is not nn.Linear"
+            continue
+        if qw.bits not in SUPPORTED_BITS:
+            outcome[name] = f"dense: no kernel for {qw.bits} bits"
+            continue
+        weight = module.weight.data
+        if check and not torch.equal(qw.dequantize(torch.float32).to(weight.dtype), weight):
+            outcome[name] = "dense: weight changed after quantization"
+            continue
+        device = weight.device
+        in_scale = qw.in_scale.to(device, weight.dtype) if qw.in_scale is not None else None
+        bias = module.bias.data if module.bias is not None else None
+        packed = PackedLinear.from_quantized(qw.q.to(device), qw.scale.to(device), qw.zero.to(device), qw.bits,
+                                             qw.group_size, bias=bias, in_scale=in_scale)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
+        outcome[name] = "packed"
+    return outcome
