@@ -1,0 +1,206 @@
+"""Measured decode latency on the GPU: per-layer CUDA-graph timings assembled per trial.
+
+A trial's decode step is timed as the sum of its linear layers, each in the format the manifest
+gives it (16-bit dense, packed 2/3/4/8-bit, 2:4 semi-structured), plus the rest of the step
+(attention over the KV cache, norms, embeddings, sampling head) measured once on the uncompressed
+model under a static KV cache. Every layer timing is a CUDA graph of ``inner`` back-to-back calls,
+replayed ``repeats`` times after warm-up; the median is kept. Timings are cached per (device, shape,
+format, batch) in memory and in a JSON file, so after the first trials a trial pays for assembly
+only. On a machine without CUDA the value is the roofline model's, labelled so in
+``latency_source``; with CUDA the roofline's figure is reported beside it (``latency_roofline_ms``)
+so the model's error can be read off every study.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hpsearch.objectives.base import EvalContext, Objective
+from hpsearch.objectives.latency import decode_seconds
+from hpsearch.objectives.profiles import get_profile
+from hpsearch.structure import ModelStructure
+
+__all__ = ["MeasuredLatency", "LayerTimer", "layer_format"]
+
+
+def layer_format(record: dict[str, Any]) -> str:
+    """The kernel a layer runs with: ``dense``, ``semi24`` or ``packed<bits>g<group>``."""
+    bits = int(record.get("bits") or 16)
+    if bits < 16:
+        return f"packed{bits}g{record.get('group_size') or record['in_features']}"
+    if str(record.get("pattern")) == "2:4" and float(record.get("sparsity") or 0) > 0:
+        return "semi24"
+    return "dense"
+
+
+def _graph_time_us(fn, inner: int, repeats: int, warmup: int = 3) -> float:
+    """Median microseconds of one ``fn()`` call, from a CUDA graph of ``inner`` calls."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(inner):
+            fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / inner)
+    return statistics.median(times)
+
+
+class LayerTimer:
+    """Times single linear layers of a given format on the current CUDA device, with a cache."""
+
+    def __init__(self, cache_file: Path | None, inner: int = 20, repeats: int = 15) -> None:
+        self.cache_file, self.inner, self.repeats = cache_file, inner, repeats
+        self.device_name = torch.cuda.get_device_name()
+        self.times: dict[str, float] = {}
+        if cache_file is not None and cache_file.exists():
+            self.times = json.loads(cache_file.read_text())
+
+    def _save(self) -> None:
+        if self.cache_file is not None:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.times, indent=0, sort_keys=True))
+            os.replace(tmp, self.cache_file)
+
+    def layer_us(self, n: int, k: int, fmt: str, m: int, dtype: torch.dtype = torch.float16) -> float:
+        key = f"{self.device_name}|{n}x{k}|{fmt}|m{m}|{str(dtype).split('.')[-1]}"
+        if key not in self.times:
+            self.times[key] = self._measure(n, k, fmt, m, dtype)
+            self._save()
+        return self.times[key]
+
+    def _measure(self, n: int, k: int, fmt: str, m: int, dtype: torch.dtype) -> float:
+        dev = torch.device("cuda")
+        x = torch.randn(m, k, device=dev, dtype=dtype)
+        if fmt == "dense":
+            w = torch.randn(n, k, device=dev, dtype=dtype) * 0.02
+            return _graph_time_us(lambda: torch.nn.functional.linear(x, w), self.inner, self.repeats)
+        if fmt == "semi24":
+            from torch.sparse import to_sparse_semi_structured
+
+            mask = torch.tensor([1, 1, 0, 0], device=dev, dtype=torch.bool).repeat(n, k // 4)
+            w = to_sparse_semi_structured(torch.randn(n, k, device=dev, dtype=dtype) * mask)
+            return _graph_time_us(lambda: torch.nn.functional.linear(x, w), self.inner, self.repeats)
+        from hpsearch.kernels import PackedLinear
+
+        bits, group = (int(v) for v in fmt[len("packed"):].split("g"))
+        g = group if k % group == 0 else k
+        q = torch.randint(0, 2**bits, (n, k), device=dev, dtype=torch.uint8)
+        s = (torch.rand(n, k // g, device=dev) * 0.01 + 1e-3).half()
+        z = torch.full((n, k // g), 2 ** (bits - 1), device=dev, dtype=torch.uint8)
+        layer = PackedLinear.from_quantized(q, s, z, bits, g)
+        return _graph_time_us(lambda: layer(x), self.inner, self.repeats)
+
+
+def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batch: int, context: int,
+                  dtype: torch.dtype) -> tuple[float, str]:
+    """Decode-step time outside the linears: the uncompressed model's measured step minus its
+    linears' measured times. Returns (microseconds, how it was measured)."""
+    key = f"{timer.device_name}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}|{str(dtype).split('.')[-1]}"
+    if key in timer.times:
+        return timer.times[key], timer.times.get(key + "|how", "cached")
+    from transformers import StaticCache
+
+    dev = torch.device("cuda")
+    model = make_model().to(dev, dtype).eval()
+    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context + 16)
+    ids = torch.randint(0, structure.vocab_size, (batch, context), device=dev)
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=dev), use_cache=True)
+        token = ids[:, -1:].clone()
+        position = torch.tensor([context], device=dev)
+
+        def step():
+            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+
+        try:
+            total = _graph_time_us(step, inner=1, repeats=20)
+            how = "cuda graph, static cache"
+        except Exception:  # a model whose forward cannot be captured: eager, and said so
+            torch.cuda.synchronize()
+            import time
+
+            times = []
+            for _ in range(20):
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e6)
+            total = statistics.median(times)
+            how = "eager (graph capture failed)"
+    linears = sum(timer.layer_us(li.out_features, li.in_features, "dense", batch, dtype) for li in structure.linears)
+    remainder = max(total - linears, 0.0)
+    timer.times[key], timer.times[key + "|how"] = remainder, how
+    timer.times[key + "|total_fp16_us"] = total
+    timer._save()
+    return remainder, how
+
+
+class MeasuredLatency(Objective):
+    """Decode latency per token in milliseconds, measured on the GPU (roofline without one).
+
+    Args:
+        batch_size, context: deployment shape (batch of sequences, tokens already in the cache).
+        profile: roofline device profile used without CUDA, and reported beside the measurement.
+        dtype_bytes: bytes per element of what stays uncompressed (for the roofline).
+        cache_file: JSON file of layer timings (default ``$HPSEARCH_CACHE`` or ``~/.cache/hpsearch``).
+        inner, repeats: calls per CUDA graph and graph replays per timing.
+    """
+
+    def __init__(self, *, name: str = "latency_ms", direction: str = "minimize", batch_size: int = 1,
+                 context: int = 1024, profile: str = "h100", dtype_bytes: int = 2, cache_file: str | None = None,
+                 inner: int = 20, repeats: int = 15) -> None:
+        super().__init__(name=name, direction=direction)
+        self.batch_size, self.context, self.dtype_bytes = batch_size, context, dtype_bytes
+        self.profile = get_profile(profile)
+        root = Path(os.environ.get("HPSEARCH_CACHE", Path.home() / ".cache" / "hpsearch"))
+        self.cache_file = Path(cache_file) if cache_file else root / "latency.json"
+        self.inner, self.repeats = inner, repeats
+        self._timer: LayerTimer | None = None
+
+    def evaluate(self, model: nn.Module, ctx: EvalContext) -> float:
+        roofline_ms = decode_seconds(ctx.structure, ctx.manifest, self.profile, self.batch_size, self.context,
+                                     self.dtype_bytes) * 1e3
+        if not torch.cuda.is_available():
+            ctx.attrs.update(latency_source=f"roofline:{self.profile.name} (no CUDA device to measure on)")
+            return roofline_ms
+        if self._timer is None:
+            self._timer = LayerTimer(self.cache_file, self.inner, self.repeats)
+        timer = self._timer
+        dtype = torch.float16
+        pristine = ctx.artifacts.get("source_model")
+        base = pristine if pristine is not None else model
+        remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, self.batch_size, self.context, dtype)
+        linears = 0.0
+        for li in ctx.structure.linears:
+            record = ctx.manifest.layers[li.name]
+            linears += timer.layer_us(li.out_features, li.in_features, layer_format(record), self.batch_size, dtype)
+        measured_ms = (remainder + linears) / 1e3
+        ctx.attrs.update(latency_source=f"measured:{timer.device_name} (per-layer CUDA graphs; rest: {how})",
+                         latency_roofline_ms=roofline_ms, latency_linears_ms=linears / 1e3,
+                         latency_remainder_ms=remainder / 1e3,
+                         roofline_error=(roofline_ms - measured_ms) / measured_ms)
+        return measured_ms
+
