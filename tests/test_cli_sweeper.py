@@ -161,3 +161,16 @@ def test_optuna_dashboard_serves_the_study(study_run):
     studies = json.loads(body)["study_summaries"]
     assert [s["study_name"] for s in studies] == ["cli"]
     assert studies[0]["directions"] == ["minimize", "minimize", "minimize"]
+
+
+def test_report_renders_again_for_any_storage(study_run, tmp_path, capsys):
+    from hpsearch.report import main
+
+    _, db, _, _, _ = study_run
+    assert main(["--storage", f"sqlite:///{db}", "--study", "cli", "--out", str(tmp_path / "again")]) == 0
+    text = (tmp_path / "again" / "report.md").read_text()
+    study = load(db, "cli")
+    assert f"## Pareto front ({len(study.best_trials)} trials)" in text
+    rows = (tmp_path / "again" / "pareto.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(study.best_trials)
+    assert "Pareto front of cli" in capsys.readouterr().out
