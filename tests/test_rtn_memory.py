@@ -27,9 +27,10 @@ def rtn_reference(w: torch.Tensor, bits: int, g: int, sym: bool) -> torch.Tensor
                 scale = float(torch.tensor(scale).half())
                 zero = (maxq + 1) // 2
             else:
-                scale = (x.max() - x.min()).item() / maxq
+                lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+                scale = (hi - lo) / maxq
                 scale = float(torch.tensor(scale).half())
-                zero = min(max(round(-x.min().item() / scale), 0), maxq)
+                zero = min(max(round(-lo / scale), 0), maxq)
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
             out[n, start:start + g] = (q - zero) * scale
     return out
@@ -51,6 +52,12 @@ def test_rtn_matches_float64_reference(bits, g, sym):
     assert (diff <= step + 1e-6).all()
     assert qw.q.dtype == torch.uint8 and int(qw.q.max()) <= 2**bits - 1
     assert torch.allclose(dequantize(qw.q, qw.scale, qw.zero, g), got.float())
+
+
+def test_rtn_group_of_one_sign_does_not_saturate():
+    w = torch.rand(4, 32) + 1.0  # every weight in [1, 2): all-positive groups
+    qw = quantize_rtn(w, 4, 32, False)
+    assert (qw.dequantize() - w).abs().max() <= qw.scale.float().max() / 2 + 1e-6
 
 
 def test_rtn_error_shrinks_with_bits():

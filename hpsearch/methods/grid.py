@@ -60,7 +60,9 @@ def fit_grid(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> tuple[to
         scale = (2 * amax / maxq).clamp_min(1e-8)
         zero = torch.full_like(scale, float((maxq + 1) // 2))
     else:
-        wmin, wmax = wg.amin(dim=-1), wg.amax(dim=-1)
+        # The range always holds 0 (as GPTQ's quantizer does): the integer zero must be a code in
+        # [0, 2^b - 1], which a group of one sign would otherwise push out of range and saturate.
+        wmin, wmax = wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
         scale = ((wmax - wmin) / maxq).clamp_min(1e-8)
         zero = None
     scale = scale.half().float().clamp_min(2.0**-24)  # smallest float16 subnormal: never a zero scale
