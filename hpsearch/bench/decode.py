@@ -1,0 +1,200 @@
+"""Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
+
+``python -m hpsearch.bench decode [--layers 32] [--context 256] [--tokens 64] [--repeats 5]
+[--bits 4] [--group-size 128] [--compile]``
+
+The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
+32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
+One decode step (batch 1, a ``StaticCache``, greedy next token fed back in place) is captured as a
+CUDA graph, by hand (default) or by ``torch.compile(mode="reduce-overhead")`` (``--compile``, which
+also fuses the small elementwise kernels). After a prompt of ``--context`` tokens and warm-up,
+tokens/s is the median over ``--repeats`` of ``--tokens`` graph replays timed with CUDA events,
+each repeat decoding positions ``context .. context + tokens`` again (the cache is rewound).
+The packed model then replaces every decoder-block linear by a
+:class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings and the LM head stay
+float16) and is timed the same way.
+
+``fp16_bw_fraction`` is the float16 model's achieved bandwidth (bytes of weights read per token,
+all but the embedding table, over the time per token) as a fraction of
+the device-to-device copy bandwidth measured in the same run (bytes read + written). Needs torch,
+transformers and triton only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
+    """Device-to-device copy bandwidth in bytes/s, counting bytes read plus bytes written."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / 1e3)
+    return 2 * nbytes / statistics.median(samples)
+
+
+def llama7b_config(layers: int):
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096, rms_norm_eps=1e-5)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+def build_model(layers: int) -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(llama7b_config(layers))
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval().requires_grad_(False)
+
+
+def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int = 0) -> int:
+    """Replace every decoder-block ``nn.Linear`` by a PackedLinear of random codes; returns how many."""
+    from hpsearch.kernels import PackedLinear
+
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    count = 0
+    for block in model.model.layers:
+        for name, module in list(block.named_modules()):
+            if not isinstance(module, nn.Linear):
+                continue
+            n, k = module.weight.shape
+            q = torch.randint(0, 2**bits, (n, k), device="cuda", dtype=torch.uint8, generator=gen)
+            # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
+            s = torch.full((n, k // group_size), 0.1 / 2**bits, device="cuda", dtype=torch.float16)
+            z = torch.full((n, k // group_size), 2 ** (bits - 1), device="cuda", dtype=torch.uint8)
+            packed = PackedLinear.from_quantized(q, s, z, bits, group_size)
+            parent, _, child = name.rpartition(".")
+            setattr(block.get_submodule(parent) if parent else block, child, packed)
+            count += 1
+    torch.cuda.empty_cache()
+    return count
+
+
+def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool) -> dict[str, float]:
+    """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step."""
+    from transformers import StaticCache
+
+    warmup = 3
+    cache = StaticCache(config=model.config, max_cache_len=context + max(tokens, warmup) + 8)
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
+    step_ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+
+    def rewind() -> None:  # back to the end of the prompt; the graph keeps its buffers
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(context)
+
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill, allocates the cache
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            return logits[:, -1:].argmax(-1)
+
+        if compile_step:
+            compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+
+            def run_step() -> None:
+                step_ids.copy_(compiled(step_ids))  # outside the graph: inputs are not mutated
+
+            for _ in range(warmup):
+                run_step()
+        else:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    step_ids.copy_(step(step_ids))  # compiles the kernels
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                step_ids.copy_(step(step_ids))
+            run_step = graph.replay
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        samples = []
+        for i in range(repeats + 1):  # the first repeat is a warm-up
+            rewind()
+            start.record()
+            for _ in range(tokens):
+                run_step()
+            end.record()
+            end.synchronize()
+            if i:
+                samples.append(start.elapsed_time(end) / 1e3 / tokens)
+    s = statistics.median(samples)
+    return {"tok_s": 1.0 / s, "ms_per_token": s * 1e3}
+
+
+def _weight_bytes_per_token(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer a decode step reads: all but one row of the embedding."""
+    emb = model.get_input_embeddings().weight
+    seen, total = {emb.data_ptr()}, emb.shape[1] * emb.element_size()
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def run(args: list[str]) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m hpsearch.bench decode")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--context", type=int, default=256, help="prompt tokens before timing")
+    p.add_argument("--tokens", type=int, default=64, help="decode steps per timed repeat")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--compile", action="store_true", help='torch.compile(mode="reduce-overhead") the step')
+    a = p.parse_args(args)
+    if not torch.cuda.is_available():
+        return {"error": "needs a CUDA GPU", "device": "cpu"}
+    torch.manual_seed(0)
+    bw = copy_bandwidth()
+    model = build_model(a.layers)
+    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile)
+    fp16_bytes = _weight_bytes_per_token(model)
+    fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
+    print(f"fp16: {fp16}", file=sys.stderr)
+    n_packed = pack_block_linears(model, a.bits, a.group_size)
+    torch._dynamo.reset()
+    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile)
+    packed_bytes = _weight_bytes_per_token(model)
+    print(f"packed{a.bits}: {packed}", file=sys.stderr)
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
+        "layers": a.layers,
+        "context": a.context,
+        "fp16_tok_s": round(fp16["tok_s"], 1),
+        f"packed{a.bits}_tok_s": round(packed["tok_s"], 1),
+        "speedup": round(packed["tok_s"] / fp16["tok_s"], 2),
+        "fp16_bw_fraction": round(fp16_bw / bw, 3),
+        "copy_bw_GBps": round(bw / 1e9, 1),
+        "fp16_weight_bytes_per_token": fp16_bytes,
+        f"packed{a.bits}_weight_bytes_per_token": packed_bytes,
+        "bandwidth_limit_speedup": round(fp16_bytes / packed_bytes, 2),
+        "packed_linears": n_packed,
+    }

@@ -1,0 +1,36 @@
+"""Packed low-bit weights and the kernels that multiply by them.
+
+The format (:class:`PackedWeight`, built by :func:`pack` from the quantization stages' codes,
+scales and zeros) stores 2, 3, 4 or 8-bit codes at exactly that many bits, with group-wise
+float16 scales and packed integer zeros: ``W_hat = (q - z) * s``. Every operation has a PyTorch
+reference (:func:`pack`, :func:`unpack`, :func:`dequantize`, :func:`matmul_reference`);
+:func:`packed_matmul` runs Triton kernels on CUDA (a GEMV for one row, a tensor-core tile kernel
+for more) and the reference elsewhere. :class:`PackedLinear` is the ``nn.Linear`` replacement a
+packed model is built from:
+
+.. code-block:: python
+
+    layer = PackedLinear.from_quantized(q, s, z, bits=4, group_size=128, bias=None)
+    y = layer(x)          # x: [..., K] float16 / bfloat16 on the layer's device
+    layer.nbytes()        # exact storage bytes
+"""
+
+from ._format import SUPPORTED_BITS, PackedWeight
+from ._launch import KernelConfig, choose_config, packed_matmul, triton_enabled
+from ._linear import PackedLinear
+from ._pack import pack, unpack
+from ._reference import dequantize, matmul_reference
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "KernelConfig",
+    "PackedLinear",
+    "PackedWeight",
+    "choose_config",
+    "dequantize",
+    "matmul_reference",
+    "pack",
+    "packed_matmul",
+    "triton_enabled",
+    "unpack",
+]

@@ -1,0 +1,191 @@
+"""Choosing and launching the Triton kernels; the ``hpsearch::packed_matmul`` custom op.
+
+The op is what :class:`~hpsearch.kernels.PackedLinear` calls: opaque to ``torch.compile`` (a fake
+implementation gives its output shape), free of host synchronisation, and so capturable by CUDA
+graphs once its kernels are compiled (call it once before capturing). It runs the Triton kernels
+on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before the first call;
+elsewhere it runs :func:`~hpsearch.kernels.matmul_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded
+from ._reference import matmul_reference
+
+__all__ = ["KernelConfig", "choose_config", "packed_matmul", "triton_enabled"]
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one launch. ``kind`` is ``"gemv"`` (one row at a time) or ``"dot"``."""
+
+    kind: str
+    block_n: int
+    block_k: int
+    block_m: int = 1
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
+    """The tile sizes used for an ``[m, k] x [n, k]^T`` product at ``bits``.
+
+    A measured table (``HPSEARCH_KERNEL_TUNING``: a JSON file written by
+    ``python -m hpsearch.bench kernels --sweep --tuning-out PATH``, else the H100 table shipped in
+    :mod:`._tuned`) wins for the shapes it holds; otherwise a rule that keeps about four programs
+    per SM in flight. See ``kernels/NOTES.md`` for the measurements.
+    """
+    bucket = 1 if m == 1 else (16 if m <= 16 else 0)
+    tuned = _tuned_table().get(f"{bucket}:{k}x{n}:{bits}") if bucket else None
+    if tuned is not None:
+        return KernelConfig(**tuned)
+    if m <= 16:
+        kind, bn, bm, stages = ("gemv", 64, 1, 3) if m == 1 else ("dot", 64, 16, 3)
+        tiles = max(1, -(-n // bn))
+        split = 1
+        while split < 8 and tiles * split < 528 and k // (128 * split * 2) >= 4:
+            split *= 2
+        return KernelConfig(kind, block_n=bn, block_k=128, block_m=bm, split_k=split, num_stages=stages)
+    if m <= 64:
+        return KernelConfig("dot", block_n=128, block_k=128, block_m=64, num_warps=4, num_stages=3)
+    return KernelConfig("dot", block_n=128, block_k=64, block_m=128, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def _tuned_table() -> dict[str, dict]:
+    path = os.environ.get("HPSEARCH_KERNEL_TUNING")
+    if path:
+        with open(path) as f:
+            return json.load(f)
+    from ._tuned import H100
+
+    return H100
+
+
+def _fit_block_k(block_k: int, k_pad: int, group_size: int, per_channel: bool) -> int | None:
+    """Tile length: the largest power of two <= block_k dividing k_pad (per channel) or the group."""
+    bk = 1 << (max(block_k, 32).bit_length() - 1)
+    limit = k_pad if per_channel else group_size
+    while bk >= 32:
+        if limit % bk == 0 and k_pad % bk == 0:
+            return bk
+        bk //= 2
+    return None
+
+
+@functools.cache
+def _kernels():
+    from . import (
+        _triton_kernels,  # deferred: triton is optional and reads TRITON_INTERPRET on import
+    )
+
+    return _triton_kernels
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """Whether the Triton kernels run for tensors on ``device``."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        k = _kernels()
+    except ImportError:
+        return False
+    return type(k.gemv_kernel).__name__ == "InterpretedFunction"
+
+
+def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
+            bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
+            config: KernelConfig | None) -> torch.Tensor | None:
+    """``x2 [M, K] @ W_hat.T`` with the Triton kernels, or ``None`` if no tile size fits the groups."""
+    m, k = x2.shape
+    n, g = scales.shape
+    k_pad = padded(k, K_MULTIPLE)
+    cfg = config or choose_config(m, n, k_pad, bits)
+    per_channel = group_size >= in_features
+    bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel)
+    if bk is None:
+        return None
+    kern = _kernels()
+    split_k = max(1, min(cfg.split_k, k_pad // bk))
+    if split_k > 1:  # partial sums are added atomically: float16 natively, others in float32
+        acc_dtype = x2.dtype if x2.dtype == torch.float16 else torch.float32
+        y = torch.zeros((m, n), dtype=acc_dtype, device=x2.device)
+    else:
+        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    b = bias if bias is not None else scales  # any valid pointer; unused without HAS_BIAS
+    common = {"N": n, "K": k, "K_PAD": k_pad, "G": g, "G_PAD": padded(g, G_MULTIPLE),
+              "stride_xm": x2.stride(0), "stride_ym": y.stride(0), "BITS": bits,
+              "GROUP": 0 if per_channel else group_size, "HAS_BIAS": bias is not None,
+              "MASK_K": k != k_pad, "BLOCK_N": cfg.block_n, "BK": bk, "SPLIT_K": split_k,
+              "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.kind == "gemv":
+        grid = (triton_cdiv(n, cfg.block_n), split_k, m)
+        common["NUM_STAGES"] = common.pop("num_stages")
+        kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
+    elif cfg.kind == "dot":
+        grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split_k)
+        upcast = x2.device.type == "cpu" and x2.dtype != torch.float16  # interpreter: see dot_kernel
+        f16x2 = x2.is_cuda and x2.dtype == torch.float16
+        kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
+                              F16X2=f16x2, **common)
+    else:
+        raise ValueError(f"config.kind must be 'gemv' or 'dot', got {cfg.kind!r}")
+    return y.to(x2.dtype)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@torch.library.custom_op("hpsearch::packed_matmul", mutates_args=())
+def _packed_matmul_op(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                      qzeros: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int,
+                      in_features: int) -> torch.Tensor:
+    return _matmul(x, qweight, scales, qzeros, bias, bits, group_size, in_features, None)
+
+
+@_packed_matmul_op.register_fake
+def _(x, qweight, scales, qzeros, bias, bits, group_size, in_features):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
+
+
+def _matmul(x, qweight, scales, qzeros, bias, bits, group_size, in_features, config):
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = None
+    if triton_enabled(x.device) and x2.shape[0] > 0:
+        y = _launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, config)
+    if y is None:
+        w = PackedWeight(qweight, scales, qzeros, bits, group_size, in_features)
+        y = matmul_reference(x2, w, bias)
+    return y.reshape(*x.shape[:-1], scales.shape[0])
+
+
+def packed_matmul(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None,
+                  config: KernelConfig | None = None) -> torch.Tensor:
+    """``x @ W_hat.T (+ bias)`` for ``x [..., K]`` float16/bfloat16, as ``x.dtype``.
+
+    Args:
+        x: activations on the weight's device.
+        w: the packed weight.
+        bias: optional ``[N]`` bias.
+        config: tile sizes; ``None`` picks them with :func:`choose_config`. A given config bypasses
+            the custom op (for benchmarks and tests).
+    """
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the weight expects {w.in_features}")
+    if config is not None:
+        return _matmul(x, w.qweight, w.scales, w.qzeros, bias, w.bits, w.group_size, w.in_features, config)
+    return torch.ops.hpsearch.packed_matmul(x, w.qweight, w.scales, w.qzeros, bias, w.bits,
+                                            w.group_size, w.in_features)

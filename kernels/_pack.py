@@ -1,0 +1,115 @@
+"""Pack and unpack: integer codes <-> the bit-plane words of :mod:`._format` (pure PyTorch)."""
+
+from __future__ import annotations
+
+import torch
+
+from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded, planes
+
+__all__ = ["pack", "pack_codes", "unpack", "unpack_codes"]
+
+
+def _slot_order(per: int) -> list[int]:
+    """Code held by each slot of a word: even codes in the low half-word, odd ones in the high."""
+    return list(range(0, per, 2)) + list(range(1, per, 2))
+
+
+def _code_order(per: int) -> list[int]:
+    """Slot holding each code (the inverse of :func:`_slot_order`)."""
+    return [c // 2 + (c % 2) * (per // 2) for c in range(per)]
+
+
+def pack_codes(codes: torch.Tensor, bits: int, multiple: int = 32) -> torch.Tensor:
+    """Pack ``[R, L]`` integer codes in ``[0, 2^bits)`` into int32 words, plane after plane.
+
+    Returns:
+        int32 ``[R, padded(L, multiple) * bits // 32]``; codes past ``L`` are 0.
+    """
+    r, length = codes.shape
+    lp = padded(length, multiple)
+    n_words = lp * bits // 32
+    out = torch.empty(r, n_words, dtype=torch.int32, device=codes.device)
+    step = max(1, (1 << 24) // max(lp, 1))  # rows at a time: bounded int64 intermediates
+    for r0 in range(0, r, step):
+        out[r0:r0 + step] = _pack_rows(codes[r0:r0 + step], bits, length, lp)
+    return out
+
+
+def _pack_rows(codes: torch.Tensor, bits: int, length: int, lp: int) -> torch.Tensor:
+    r = codes.shape[0]
+    c = torch.zeros(r, lp, dtype=torch.int64, device=codes.device)
+    c[:, :length] = codes
+    words = []
+    for width, offset in planes(bits):
+        per = 32 // width
+        field = ((c >> offset) & ((1 << width) - 1)).view(r, lp // per, per)[:, :, _slot_order(per)]
+        shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * width
+        words.append((field << shifts).sum(-1))  # disjoint bit fields: sum == or
+    w = torch.cat(words, dim=1)
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, length: int, multiple: int = 32) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: uint8 ``[R, length]``."""
+    r = words.shape[0]
+    lp = padded(length, multiple)
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    codes = torch.zeros(r, lp, dtype=torch.int64, device=words.device)
+    start = 0
+    for width, offset in planes(bits):
+        per = 32 // width
+        n_words = lp // per
+        shifts = torch.arange(per, device=words.device, dtype=torch.int64) * width
+        field = (w[:, start:start + n_words, None] >> shifts) & ((1 << width) - 1)
+        codes |= field[:, :, _code_order(per)].reshape(r, lp) << offset
+        start += n_words
+    return codes[:, :length].to(torch.uint8)
+
+
+def _check(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> None:
+    planes(bits)
+    if q.dim() != 2:
+        raise ValueError(f"q must be [N, K], got shape {tuple(q.shape)}")
+    n, k = q.shape
+    if group_size <= 0 or (k % group_size and group_size != k):
+        raise ValueError(f"group_size={group_size} must divide in_features={k} (or equal it)")
+    g = k // group_size
+    for name, t in (("s", s), ("z", z)):
+        if tuple(t.shape) != (n, g):
+            raise ValueError(f"{name} must be [{n}, {g}], got {tuple(t.shape)}")
+    maxq = 2**bits - 1
+    if q.numel() and (int(q.max()) > maxq or int(q.min()) < 0):
+        raise ValueError(f"q has codes outside [0, {maxq}] for bits={bits}")
+    if z.numel() and (int(z.max()) > maxq or int(z.min()) < 0):
+        raise ValueError(f"z has zeros outside [0, {maxq}] for bits={bits}")
+
+
+def pack(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> PackedWeight:
+    """Pack the quantization stages' ``(q, s, z)`` into a :class:`PackedWeight`.
+
+    Args:
+        q: integer codes ``[N, K]`` (uint8 or any integer dtype) in ``[0, 2^bits)``.
+        s: scales ``[N, K // group_size]``; stored as float16.
+        z: integer zeros ``[N, K // group_size]`` in ``[0, 2^bits)``.
+        bits: 2, 3, 4 or 8.
+        group_size: input channels per group; must divide ``K`` (``K`` itself is per-channel).
+
+    Returns:
+        The packed weight, on ``q``'s device.
+    """
+    _check(q, s, z, bits, group_size)
+    return PackedWeight(
+        qweight=pack_codes(q, bits, K_MULTIPLE),
+        scales=s.to(device=q.device, dtype=torch.float16).contiguous(),
+        qzeros=pack_codes(z.to(q.device), bits, G_MULTIPLE),
+        bits=bits,
+        group_size=group_size,
+        in_features=q.shape[1],
+    )
+
+
+def unpack(w: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack`: ``(q uint8 [N, K], s float16 [N, G], z uint8 [N, G])``."""
+    q = unpack_codes(w.qweight, w.bits, w.in_features, K_MULTIPLE)
+    z = unpack_codes(w.qzeros, w.bits, w.num_groups, G_MULTIPLE)
+    return q, w.scales, z

@@ -1,0 +1,275 @@
+"""Triton kernels for ``y = x @ W_hat.T`` on the packed format of :mod:`._format`.
+
+Both kernels walk K in tiles of ``BK`` codes that lie inside one group (``BK`` divides the group
+size, or the group is the whole row), dequantize in registers and never write ``W_hat`` out:
+
+- :func:`gemv_kernel` (one activation row per program along grid axis 2): CUDA cores, float32
+  accumulation. A field ``f`` of ``w`` bits becomes ``v = 1 + f / 2^w`` with one shift and one
+  masked or (``(f << (23 - w)) | 0x3F800000`` read as float32): no integer-to-float conversion.
+  Per tile, ``sum_k (q_k - z) s x_k = s * (sum_planes 2^(o + w) (sum_k v_k x_k - X) - z X)`` with
+  ``X = sum_k x_k`` and ``o`` the plane's bit offset.
+- :func:`dot_kernel` (several rows: decode with ``BLOCK_M = 16``, prefill with larger tiles): tensor
+  cores on the transposed tile ``W_hat[BLOCK_N, BK] @ x[BLOCK_M, BK].T``, so that the dequantized
+  weight is the left operand (it may stay in registers) and a small ``M`` costs no padding of the
+  weight. A field becomes ``2^23 + f`` by ``f | 0x4B000000`` read as float32; ``(that - (2^23 + z)) * s``
+  is exact in float32 and rounded once to the activation dtype. A 3-bit code is its 2-bit and 1-bit
+  planes, dequantized as ``(lo - z) * s`` and ``4 * hi * s`` and multiplied by two dots, so the two
+  planes never need the same register layout.
+
+Words are unpacked with a tree of ``tl.join`` (:func:`_tree`), which keeps each word's codes in the
+thread that loaded the word. ``SPLIT_K > 1`` splits K over a grid axis and adds partial results
+atomically into a zeroed output.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["dot_kernel", "gemv_kernel"]
+
+
+@triton.jit
+def _tree(words, OFF: tl.constexpr, STRIDE: tl.constexpr, LEVELS: tl.constexpr, WIDTH: tl.constexpr):
+    """Fields ``OFF + STRIDE * j`` (``j < 2^LEVELS``) of every word, joined in new minor dims in order j."""
+    if LEVELS == 0:
+        return (words >> (OFF * WIDTH)) & ((1 << WIDTH) - 1)
+    else:
+        return tl.join(_tree(words, OFF, 2 * STRIDE, LEVELS - 1, WIDTH),
+                       _tree(words, OFF + STRIDE, 2 * STRIDE, LEVELS - 1, WIDTH))
+
+
+@triton.jit
+def _plane_fields(ptrs, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """Load one plane's words ``ptrs`` [BLOCK_N, BK * WIDTH // 32]: its fields, int32 [BLOCK_N, BK].
+
+    Slots ``i < P/2`` hold the even codes ``2i``, slots ``P/2 + i`` the odd ones (see ``_format``):
+    joining the two halves last puts the codes in natural order.
+    """
+    words = tl.load(ptrs)
+    HALF: tl.constexpr = 16 // WIDTH
+    if WIDTH == 1:
+        t = tl.join(_tree(words, 0, 1, 4, WIDTH), _tree(words, HALF, 1, 4, WIDTH))
+    elif WIDTH == 2:
+        t = tl.join(_tree(words, 0, 1, 3, WIDTH), _tree(words, HALF, 1, 3, WIDTH))
+    elif WIDTH == 4:
+        t = tl.join(_tree(words, 0, 1, 2, WIDTH), _tree(words, HALF, 1, 2, WIDTH))
+    else:
+        t = tl.join(_tree(words, 0, 1, 1, WIDTH), _tree(words, HALF, 1, 1, WIDTH))
+    return tl.reshape(t, (BLOCK_N, BK))
+
+
+@triton.jit
+def _pairs(words, zz2, s2, OFF: tl.constexpr, STRIDE: tl.constexpr, LEVELS: tl.constexpr,
+           WIDTH: tl.constexpr):
+    """Float16 ``(q - z) * s`` of codes ``2j`` and ``2j + 1``, ``j = OFF + STRIDE * i``, as two trees.
+
+    Slot ``j`` and slot ``j + P/2`` are 16 bits apart: one mask-and-or makes them the float16 pair
+    ``(1024 + q_2j, 1024 + q_2j+1)``; ``sub.f16x2`` (exact) and ``mul.rn.f16x2`` (one rounding, as
+    the reference) finish both codes at once.
+    """
+    if LEVELS == 0:
+        mask: tl.constexpr = ((1 << WIDTH) - 1) * 65537
+        h = ((words >> (OFF * WIDTH)) & mask) | 0x64006400
+        a, b = tl.inline_asm_elementwise(
+            "{ .reg .b32 r; sub.f16x2 r, $2, $3; mul.rn.f16x2 r, r, $4; mov.b32 {$0, $1}, r; }",
+            "=h,=h,r,r,r", [h, zz2, s2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return a, b
+    else:
+        a0, b0 = _pairs(words, zz2, s2, OFF, 2 * STRIDE, LEVELS - 1, WIDTH)
+        a1, b1 = _pairs(words, zz2, s2, OFF + STRIDE, 2 * STRIDE, LEVELS - 1, WIDTH)
+        return tl.join(a0, a1), tl.join(b0, b1)
+
+
+@triton.jit
+def _dequant_f16x2(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """``(f - zoff) * s`` of one plane's fields in float16, two codes per instruction: [BLOCK_N, BK]."""
+    words = tl.load(ptrs)
+    zb = (zoff + 1024.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sb = s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    zz2 = tl.broadcast_to((zb | (zb << 16))[:, None], words.shape)
+    s2 = tl.broadcast_to((sb | (sb << 16))[:, None], words.shape)
+    if WIDTH == 1:
+        a, b = _pairs(words, zz2, s2, 0, 1, 4, WIDTH)
+    elif WIDTH == 2:
+        a, b = _pairs(words, zz2, s2, 0, 1, 3, WIDTH)
+    elif WIDTH == 4:
+        a, b = _pairs(words, zz2, s2, 0, 1, 2, WIDTH)
+    else:
+        a, b = _pairs(words, zz2, s2, 0, 1, 1, WIDTH)
+    return tl.reshape(tl.join(a, b), (BLOCK_N, BK))
+
+
+@triton.jit
+def _plane_ptrs(qw_ptr, rows, k0, plane_off, WIDTH: tl.constexpr, BK: tl.constexpr):
+    """Pointers [BLOCK_N, BK * WIDTH // 32] to the words of codes ``[k0, k0 + BK)`` of one plane."""
+    base = tl.multiple_of(rows + plane_off, 4)  # the format starts rows and planes on 16 bytes
+    return qw_ptr + base[:, None] + (k0 // (32 // WIDTH) + tl.arange(0, BK // (32 // WIDTH)))[None, :]
+
+
+@triton.jit
+def _slot(c, PER: tl.constexpr):
+    """Slot of code ``c`` (< PER) in its word: see ``_format``."""
+    return c // 2 + (c % 2) * (PER // 2)
+
+
+@triton.jit
+def _zero(qz_ptr, rows, grp, G_PAD, BITS: tl.constexpr):
+    """Zero of group ``grp`` (a scalar) of every row: float32 [BLOCK_N]."""
+    row = rows * (G_PAD * BITS // 32)
+    if BITS == 3:
+        lo = tl.load(qz_ptr + row + grp // 16)
+        hi = tl.load(qz_ptr + row + G_PAD // 16 + grp // 32)
+        z = ((lo >> (_slot(grp % 16, 16) * 2)) & 3) | (((hi >> _slot(grp % 32, 32)) & 1) << 2)
+    else:
+        words = tl.load(qz_ptr + row + grp // (32 // BITS))
+        z = (words >> (_slot(grp % (32 // BITS), 32 // BITS) * BITS)) & ((1 << BITS) - 1)
+    return z.to(tl.float32)
+
+
+@triton.jit
+def _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl.constexpr):
+    """Scale and zero (float32 [BLOCK_N]) of the group holding code ``k0``; ``GROUP = 0``: per channel."""
+    if GROUP == 0:
+        grp = 0
+    else:
+        grp = k0 // GROUP
+    s = tl.load(s_ptr + rows * G + grp).to(tl.float32)
+    return s, _zero(qz_ptr, rows, grp, G_PAD, BITS)
+
+
+@triton.jit
+def _plane_sum(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """``sum_k (1 + f_k / 2^WIDTH) * x_k`` over the tile, per row: float32 [BLOCK_N]."""
+    f = _plane_fields(ptrs, WIDTH, BLOCK_N, BK)
+    v = ((f << (23 - WIDTH)) | 0x3F800000).to(tl.float32, bitcast=True)
+    return tl.sum(v * xk[None, :], axis=1)
+
+
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
+                N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
+                BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """One activation row (grid axis 2) times ``BLOCK_N`` weight rows (axis 0), K split over axis 1.
+
+    The K loop is software-pipelined ``NUM_STAGES`` deep (the word loads of later tiles are in
+    flight, as asynchronous copies to shared memory, while a tile is unpacked).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
+    row_words = rows * (K_PAD * BITS // 32)
+    x_row = x_ptr + pid_m * stride_xm
+    if BITS == 3:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
+        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
+    else:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
+        hi_ptrs = lo_ptrs
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
+        rk = k0 + tl.arange(0, BK)
+        if MASK_K:
+            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+        else:
+            xk = tl.load(x_row + rk).to(tl.float32)
+        xsum = tl.sum(xk, axis=0)
+        if BITS == 3:
+            a = 4.0 * (_plane_sum(lo_ptrs, xk, 2, BLOCK_N, BK) - xsum)
+            a += 8.0 * (_plane_sum(hi_ptrs, xk, 1, BLOCK_N, BK) - xsum)
+            lo_ptrs += BK // 16 * SPLIT_K
+            hi_ptrs += BK // 32 * SPLIT_K
+        else:
+            a = (1 << BITS) * (_plane_sum(lo_ptrs, xk, BITS, BLOCK_N, BK) - xsum)
+            lo_ptrs += BK * BITS // 32 * SPLIT_K
+        s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+        acc += s * (a - z * xsum)
+    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rows).to(tl.float32)
+    y = y_ptr + pid_m * stride_ym + rn
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
+def _dequant(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, dtype,
+             UPCAST: tl.constexpr):
+    """``(f - zoff) * s`` of one plane's fields, rounded to ``dtype``: [BLOCK_N, BK]."""
+    f = _plane_fields(ptrs, WIDTH, BLOCK_N, BK)
+    f = (f | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + f
+    w = ((f - (zoff + 8388608.0)[:, None]) * s[:, None]).to(dtype)
+    if UPCAST:
+        w = w.to(tl.float32)
+    return w
+
+
+@triton.jit
+def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
+               M, N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
+               BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
+               UPCAST: tl.constexpr, F16X2: tl.constexpr):
+    """Tile ``y[BLOCK_M, BLOCK_N]`` (grid axes 1 and 0) over a share of K (axis 2).
+
+    ``UPCAST`` multiplies float32 copies of the (rounded) operands: the Triton interpreter's
+    ``tl.dot`` mishandles bfloat16. ``F16X2`` (float16 activations on a GPU; inline PTX, so not in
+    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``).
+    """
+    dtype = x_ptr.dtype.element_ty
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)
+    row_words = rows * (K_PAD * BITS // 32)
+    x_ptrs = x_ptr + (tl.minimum(rm, M - 1).to(tl.int64) * stride_xm)[:, None] \
+        + (pid_k * BK + tl.arange(0, BK))[None, :]
+    if BITS == 3:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
+        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
+    else:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
+        hi_ptrs = lo_ptrs
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(pid_k * BK, K_PAD, BK * SPLIT_K):
+        if MASK_K:
+            xt = tl.load(x_ptrs, mask=(k0 + tl.arange(0, BK) < K)[None, :], other=0.0)
+        else:
+            xt = tl.load(x_ptrs)
+        if UPCAST:
+            xt = xt.to(tl.float32)
+        x_ptrs += BK * SPLIT_K
+        s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+        if F16X2:
+            if BITS == 3:
+                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, 2, BLOCK_N, BK), tl.trans(xt), acc)
+                acc = tl.dot(_dequant_f16x2(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK), tl.trans(xt), acc)
+                lo_ptrs += BK // 16 * SPLIT_K
+                hi_ptrs += BK // 32 * SPLIT_K
+            else:
+                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, BITS, BLOCK_N, BK), tl.trans(xt), acc)
+                lo_ptrs += BK * BITS // 32 * SPLIT_K
+        elif BITS == 3:
+            acc = tl.dot(_dequant(lo_ptrs, z, s, 2, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
+            acc = tl.dot(_dequant(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
+            lo_ptrs += BK // 16 * SPLIT_K
+            hi_ptrs += BK // 32 * SPLIT_K
+        else:
+            acc = tl.dot(_dequant(lo_ptrs, z, s, BITS, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
+            lo_ptrs += BK * BITS // 32 * SPLIT_K
+    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid_k == 0:
+            acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
+    y = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    mask = (rm < M)[None, :] & (rn < N)[:, None]
+    if SPLIT_K == 1:
+        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)

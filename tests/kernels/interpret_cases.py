@@ -1,0 +1,63 @@
+"""Triton kernels against the reference under ``TRITON_INTERPRET=1`` (run as a script, in a fresh
+process: the interpreter must be chosen before triton compiles anything).
+
+Prints one JSON object: case id -> relative error (or the error message).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# (id, bits, N, K, group size, M, config kind, split_k, dtype, bias)
+CASES = [
+    (f"b{bits}-{n}x{k}g{g}-m{m}-{kind}-s{split}-{dt}{'-bias' if bias else ''}", bits, n, k, g, m, kind, split, dt, bias)
+    for bits in (2, 3, 4, 8)
+    for (n, k, g, m, kind, split, dt, bias) in [
+        (40, 96, 32, 1, "gemv", 1, "float16", False),
+        (40, 96, 32, 5, "dot", 1, "float16", True),
+        (33, 256, 128, 2, "gemv", 2, "bfloat16", True),
+        (33, 256, 128, 17, "dot", 2, "bfloat16", False),
+        (24, 100, 100, 1, "gemv", 1, "float16", False),
+        (24, 100, 100, 3, "dot", 1, "float16", False),
+    ]
+]
+
+
+def main() -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    from hpsearch.kernels import (
+        KernelConfig,
+        PackedLinear,
+        matmul_reference,
+        pack,
+        packed_matmul,
+        triton_enabled,
+    )
+    from packed_cases import random_qsz, rel_err
+
+    assert triton_enabled(torch.device("cpu"))
+    out = {}
+    for cid, bits, n, k, g, m, kind, split, dt, with_bias in CASES:
+        try:
+            q, s, z = random_qsz(n, k, g, bits, seed=len(out))
+            w = pack(q, s, z, bits, g)
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(getattr(torch, dt))
+            bias = torch.randn(n).to(x.dtype) if with_bias else None
+            cfg = KernelConfig(kind, block_n=32, block_k=128, block_m=16, split_k=split)
+            y = packed_matmul(x, w, bias, config=cfg)
+            assert y.dtype == x.dtype and y.shape == (m, n)
+            out[cid] = rel_err(y, matmul_reference(x, w, bias))
+        except Exception as e:  # noqa: BLE001 - reported per case
+            out[cid] = f"{type(e).__name__}: {e}"
+    # the custom op (what PackedLinear calls) dispatches to the interpreted kernels on CPU
+    layer = PackedLinear.from_quantized(*random_qsz(16, 64, 32, 4), 4, 32)
+    x = torch.randn(2, 64).half()
+    out["packed_linear_op"] = rel_err(layer(x), matmul_reference(x, layer.packed))
+    json.dump(out, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

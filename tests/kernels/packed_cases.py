@@ -1,0 +1,41 @@
+"""Shared cases of the kernel tests: random codes, scales and zeros, and a float64 ``W_hat``."""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = [  # (N, K, group size)
+    (40, 96, 32),
+    (8, 128, 64),
+    (24, 256, 128),
+    (16, 4096, 128),
+    (7, 100, 100),  # per-channel, K not a multiple of 32
+    (3, 352, 352),
+    (5, 160, 32),
+]
+
+
+def random_qsz(n: int, k: int, g: int, bits: int, seed: int = 0, device: str = "cpu"):
+    """Uniform random codes and zeros, scales in [0.1, 1.1) / 64 (so outputs stay O(1))."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 2**bits, (n, k), generator=gen, dtype=torch.uint8)
+    s = ((torch.rand(n, k // g, generator=gen) + 0.1) / 64).half()
+    z = torch.randint(0, 2**bits, (n, k // g), generator=gen, dtype=torch.uint8)
+    return q.to(device), s.to(device), z.to(device)
+
+
+def w_hat_f64(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g: int) -> torch.Tensor:
+    """``(q - z) * s`` group by group, in float64."""
+    q, s, z = q.cpu(), s.cpu(), z.cpu()
+    n, k = q.shape
+    w = torch.empty(n, k, dtype=torch.float64)
+    for j in range(s.shape[1]):
+        cols = slice(j * g, (j + 1) * g)
+        w[:, cols] = (q[:, cols].double() - z[:, j:j + 1].double()) * s[:, j:j + 1].double()
+    return w
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||y - ref|| / ||ref||`` in float64 (NaN if ``y`` has any)."""
+    y, ref = y.double().cpu(), ref.double().cpu()
+    return float((y - ref).norm() / ref.norm())

@@ -1,0 +1,50 @@
+"""The Triton kernels on a GPU against the reference: every bit-width, dtype and M of interest."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hpsearch.kernels import PackedLinear, matmul_reference, pack, packed_matmul
+from packed_cases import random_qsz, rel_err
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 7, 16, 33, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("n,k,g", [(1000, 4096, 128), (40, 96, 32)])
+def test_packed_matmul_matches_reference(dtype, m, bits, n, k, g):
+    if k == 96 and dtype == torch.bfloat16:
+        pytest.skip("the small shape runs in float16 only")
+    q, s, z = random_qsz(n, k, g, bits, seed=bits * 1000 + m, device="cuda")
+    w = pack(q, s, z, bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    bias = torch.randn(n, device="cuda", dtype=dtype)
+    y = packed_matmul(x, w, bias)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    assert rel_err(y, matmul_reference(x, w, bias)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_per_channel_and_unaligned_k(bits, m):
+    q, s, z = random_qsz(72, 352, 352, bits, device="cuda")
+    w = pack(q, s, z, bits, 352)
+    x = torch.randn(m, 352, device="cuda", dtype=torch.float16)
+    assert rel_err(packed_matmul(x, w), matmul_reference(x, w)) < TOL[torch.float16]
+
+
+def test_cuda_graph_replay_equals_eager():
+    layer = PackedLinear.from_quantized(*random_qsz(512, 1024, 128, 4, device="cuda"), 4, 128)
+    x = torch.randn(1, 1024, device="cuda", dtype=torch.float16)
+    eager = layer(x)  # compiles the kernel before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(y, layer(x))
+    assert not torch.equal(y, eager)
