@@ -133,11 +133,13 @@ def run_trial(cfg: DictConfig) -> dict[str, Any]:
 
     model = fresh_copy(loaded)
     manifest = Manifest.for_structure(loaded.name, structure)
-    ctx = StageContext(structure, manifest, loaded.tokenizer, loaded.device, seed=seed)
+    ctx = StageContext(structure, manifest, loaded.tokenizer, loaded.device, seed=seed,
+                       calib=cfg.get("calib"), source_model=loaded.model)
     timings.update(compress(model, plan, setup, ctx))
 
     deployment = OmegaConf.to_container(cfg.get("deployment") or {}, resolve=True)
-    ectx = EvalContext(structure, manifest, loaded.tokenizer, loaded.device, deployment, artifacts=ctx.artifacts)
+    ectx = EvalContext(structure, manifest, loaded.tokenizer, loaded.device, deployment, artifacts=ctx.artifacts,
+                       source_model=loaded.model)
     values: dict[str, float] = {}
     for objective in setup.objectives:
         t = time.perf_counter()

@@ -30,6 +30,7 @@ class EvalContext:
         deployment: batch size, context length and dtype the model will be served with.
         attrs: extra facts an objective reports (stored as trial user attributes).
         artifacts: what the stages left (e.g. quantized codes), for objectives that pack.
+        source_model: the uncompressed model (for objectives comparing against it, e.g. KL).
     """
 
     structure: ModelStructure
@@ -39,6 +40,7 @@ class EvalContext:
     deployment: dict[str, Any]
     attrs: dict[str, Any] = field(default_factory=dict)
     artifacts: dict[str, Any] = field(default_factory=dict)
+    source_model: Any = None
 
 
 class Objective(abc.ABC):

@@ -4,6 +4,7 @@ embedded tokenizer, so tests exercise real transformers models without any downl
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# calibration statistics and quantized weights of test runs never land in ~/.cache/hpsearch
+os.environ.setdefault("HPSEARCH_CACHE", tempfile.mkdtemp(prefix="hpsearch-test-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 

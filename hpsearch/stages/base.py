@@ -34,6 +34,9 @@ class StageContext:
         calibration: the study's cached calibration statistics (``None`` when no stage needs any).
         artifacts: what a stage leaves for later ones, e.g. ``quantized[name]`` codes for packing.
         seed: the trial's seed.
+        calib: the ``calib`` config node (calibration set, cache directory); ``None``: defaults.
+        source_model: the uncompressed model the trial's copy was made from (calibration
+            statistics are captured on it and keyed by its content).
     """
 
     structure: ModelStructure
@@ -43,6 +46,8 @@ class StageContext:
     calibration: Any = None
     artifacts: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    calib: Any = None
+    source_model: Any = None
 
 
 class Stage(abc.ABC):

@@ -4,11 +4,17 @@ Methods (RTN, GPTQ, AWQ...) are registered in the stage's config under ``methods
 ``_target_`` entries, so adding one is a config change; the plan's per-layer ``method`` picks
 among them. The layer keeps the dequantized weight (simulated quantization, exact to what the
 packed kernels compute) and the codes are left in ``ctx.artifacts["quantized"]`` for packing.
+
+Methods that read calibration statistics (GPTQ, AWQ) are expensive, so their results are cached
+per (layer, method, options, bits, group size, sym, weight content, calibration set) in
+:func:`hpsearch.calib.quant_cache_for` (memory + disk): a trial that reuses a choice an earlier
+trial made does no work for it.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +24,7 @@ from torch import nn
 
 from hpsearch.errors import ConfigError
 from hpsearch.methods.grid import QuantizedWeight
+from hpsearch.methods.sparsity import mask_codes
 from hpsearch.plan import LayerPlan, Plan
 from hpsearch.stages.base import Stage, StageContext
 
@@ -31,6 +38,10 @@ class WeightQuantizer(abc.ABC):
         """Calibration statistics the method reads (e.g. ``hessian``)."""
         return frozenset()
 
+    def options(self) -> dict[str, Any]:
+        """Everything besides the plan that changes the result (part of the cache key)."""
+        return {}
+
     @abc.abstractmethod
     def quantize(self, name: str, weight: torch.Tensor, layer: LayerPlan, group_size: int,
                  ctx: StageContext) -> QuantizedWeight:
@@ -42,12 +53,14 @@ class Quantize(Stage):
 
     Args:
         methods: method name -> :class:`WeightQuantizer` (instantiated by Hydra).
+        cache: reuse quantized weights of calibration-based methods across trials.
     """
 
-    def __init__(self, *, methods: Mapping[str, WeightQuantizer]) -> None:
+    def __init__(self, *, methods: Mapping[str, WeightQuantizer], cache: bool = True) -> None:
         if not methods:
             raise ConfigError("stages.quantize.methods", "needs at least one method (e.g. rtn)")
         self.methods = dict(methods)
+        self.cache = cache
 
     def _method(self, layer: LayerPlan, name: str) -> WeightQuantizer:
         try:
@@ -69,15 +82,27 @@ class Quantize(Stage):
         quantized = ctx.artifacts.setdefault("quantized", {})
         counts: dict[str, int] = {}
         seconds: dict[str, float] = {}
+        cached: dict[str, int] = {}
+        if ctx.calibration is not None:
+            ctx.calibration = ctx.calibration.for_model(model)
+        cache = None
+        if self.cache and ctx.calibration is not None and not ctx.calibration.sequential:
+            from hpsearch.calib import quant_cache_for
+
+            cache = quant_cache_for(ctx.calib)
+        masks = ctx.artifacts.get("masks", {})  # left by an earlier pruning stage
         for name, layer in plan.layers.items():
-            if not layer.quantized:
+            if not layer.quantized or name in quantized:  # in `quantized`: done jointly by an earlier stage
                 continue
             method = self._method(layer, name)
             module = model.get_submodule(name)
             weight = module.weight.data
             group_size = layer.effective_group_size(weight.shape[1])
             start = time.perf_counter()
-            qw = method.quantize(name, weight, layer, group_size, ctx)
+            qw, hit = self._quantize(method, name, weight, layer, group_size, ctx, cache)
+            cached[layer.method] = cached.get(layer.method, 0) + int(hit)
+            if name in masks:  # pruned weights stay exactly zero: their code is the group's zero point
+                qw = dataclasses.replace(qw, q=mask_codes(qw.q, qw.zero, qw.group_size, masks[name]))
             weight.copy_(qw.dequantize(torch.float32).to(weight.dtype))
             seconds[layer.method] = seconds.get(layer.method, 0.0) + time.perf_counter() - start
             quantized[name] = qw
@@ -86,4 +111,28 @@ class Quantize(Stage):
                 in_scale=qw.in_scale is not None,
             )
             counts[layer.method] = counts.get(layer.method, 0) + 1
-        return {"layers_by_method": counts, "seconds_by_method": {k: round(v, 4) for k, v in seconds.items()}}
+        return {"layers_by_method": counts, "cached_by_method": cached,
+                "seconds_by_method": {k: round(v, 4) for k, v in seconds.items()}}
+
+    @staticmethod
+    def _quantize(method: WeightQuantizer, name: str, weight: torch.Tensor, layer: LayerPlan, group_size: int,
+                  ctx: StageContext, cache) -> tuple[QuantizedWeight, bool]:
+        """The layer's quantized weight, from the cache when an earlier trial made this choice."""
+        if cache is None or not method.requires():
+            return method.quantize(name, weight, layer, group_size, ctx), False
+        from hpsearch.calib import digest, tensor_fingerprint
+
+        describes = {
+            "layer": name, "method": layer.method, "target": f"{type(method).__module__}.{type(method).__qualname__}",
+            "options": method.options(), "bits": layer.bits, "group_size": group_size, "sym": layer.sym,
+            "extra": dict(layer.extra), "weight": tensor_fingerprint(weight), "calibration": ctx.calibration.key,
+        }
+        key = digest(describes)
+        qw = cache.get(key, describes)
+        if qw is not None:  # cached on the host: dequantize where the weight lives
+            dev = weight.device
+            return QuantizedWeight(qw.q.to(dev), qw.scale.to(dev), qw.zero.to(dev), qw.bits, qw.group_size, qw.sym,
+                                   None if qw.in_scale is None else qw.in_scale.to(dev)), True
+        qw = method.quantize(name, weight, layer, group_size, ctx)
+        cache.put(key, describes, qw)
+        return qw, False
