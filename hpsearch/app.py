@@ -69,6 +69,28 @@ def _missing_option_message(exc: Exception) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _unknown_key_message(exc: Exception, compose, overrides: list[str]) -> str | None:
+    """For ``Could not override 'a.b.c'``: name the key and the keys its parent allows."""
+    import re
+
+    from omegaconf import OmegaConf
+
+    match = re.search(r"Could not override '([^']+)'", str(exc))
+    if not match:
+        return None
+    key = match.group(1)
+    parent, _, leaf = key.rpartition(".")
+    rest = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+    try:
+        node = OmegaConf.select(compose("config", overrides=rest), parent) if parent else compose("config", overrides=rest)
+    except Exception:
+        node = None
+    if node is None or not OmegaConf.is_dict(node):
+        return f"{key}: unknown key ({parent or 'config'} does not exist); prefix with + to add it"
+    allowed = ", ".join(str(k) for k in node.keys() if not str(k).startswith("_")) or "none"
+    return f"{key}: unknown key; allowed keys of {parent or 'the config'}: {allowed} (prefix with + to add a key)"
+
+
 def precheck(argv: Sequence[str]) -> None:
     """Compose the config of ``argv`` and validate it; raises :class:`ConfigError` (one line)."""
     overrides = _overrides(argv)
@@ -83,7 +105,8 @@ def precheck(argv: Sequence[str]) -> None:
             try:
                 cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
             except Exception as exc:
-                raise ConfigError("overrides", _missing_option_message(exc)) from None
+                message = _unknown_key_message(exc, compose, list(overrides)) or _missing_option_message(exc)
+                raise ConfigError("overrides", message) from None
             from hpsearch.study import make_sampler
             from hpsearch.sweeper import StudySweeper, validate
 

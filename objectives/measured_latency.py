@@ -124,7 +124,10 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
 
     dev = torch.device("cuda")
     model = make_model().to(dev, dtype).eval()
-    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context + 16)
+    # The decoded token's position must exist in the model: at most max_positions - 1 tokens
+    # are already cached, whatever deployment.context says.
+    context = max(1, min(context, structure.max_positions - 1))
+    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context + 1)
     ids = torch.randint(0, structure.vocab_size, (batch, context), device=dev)
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=dev), use_cache=True)
@@ -190,8 +193,7 @@ class MeasuredLatency(Objective):
             self._timer = LayerTimer(self.cache_file, self.inner, self.repeats)
         timer = self._timer
         dtype = torch.float16
-        pristine = ctx.artifacts.get("source_model")
-        base = pristine if pristine is not None else model
+        base = ctx.source_model if ctx.source_model is not None else model  # the uncompressed model
         remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, self.batch_size, self.context, dtype)
         linears = 0.0
         for li in ctx.structure.linears:
