@@ -11,4 +11,4 @@ def test_readme_starts_with_install_run_and_install_test_commands():
     run_cmd, test_cmd = block[1], block[4]
     assert "pip install" in run_cmd and "python -m hpsearch +experiment=quickstart -m" in run_cmd
     assert "pip install" in test_cmd and "pytest" in test_cmd
-    assert "grep -m1 -A1 '^# 2\\. ' README.md" in (REPO / ".ci" / "run").read_text()
+    assert test_cmd in (REPO / ".ci" / "run").read_text().splitlines()
