@@ -56,6 +56,12 @@ def load_config(name_or_path: str):
             f"{name_or_path!r} is not a directory; give a local model directory, a hub id "
             f"(e.g. Qwen/Qwen2.5-0.5B) or {EMBEDDED_NAME!r}",
         )
+    if not looks_local and not _in_hub_cache(path) and not _hub_reachable():
+        raise ConfigError(
+            "model.name_or_path",
+            f"{name_or_path!r} is not a local directory, not in the Hugging Face cache, and the hub "
+            f"cannot be reached from this machine; give a local model directory or {EMBEDDED_NAME!r}",
+        )
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises OSError, ValueError, HTTP errors...
@@ -66,6 +72,33 @@ def load_config(name_or_path: str):
             f"a hub id reachable from this machine, or {EMBEDDED_NAME!r}",
         ) from None
     return config
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # not a valid repo id
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the hub, instead of transformers' retries with back-off
+    (about 30 s) before a machine without the hub learns it has none."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def resolve_device(device: str) -> torch.device:

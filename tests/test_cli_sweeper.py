@@ -126,6 +126,7 @@ def test_joblib_launcher_runs_batches(tmp_path, tiny_model_dir):
 
 @pytest.mark.parametrize("override,key,allowed", [
     ("model.name_or_path=/nonexistent/model", "model.name_or_path", "local model directory"),
+    ("model.name_or_path=no-such-org/no-such-model", "model.name_or_path", "cannot be reached"),
     ("search.layer.bits.choices=[4,5]", "search.layer.bits.choices", "2, 3, 4, 8, 16"),
     ("hydra/sweeper/sampler=annealing", "hydra/sweeper/sampler", "nsgaii"),
     ("constraints=['vram<=2']", "constraints[0]", "memory_gb"),
