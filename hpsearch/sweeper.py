@@ -113,7 +113,8 @@ class StudySweeper:
 
     def __init__(self, *, sampler: Any, storage: str = "sqlite:///multirun/hpsearch.db", study_name: str = "hpsearch",
                  n_trials: int = 20, n_jobs: int = 1, seed: int | None = 0, baselines: bool = True,
-                 max_failure_rate: float = 1.0, report: bool = True, heartbeat_interval: int = 60) -> None:
+                 max_failure_rate: float = 1.0, report: bool = True, heartbeat_interval: int = 60,
+                 sensitivity_seeds: int = 0) -> None:
         if n_trials < 1:
             raise ConfigError("hydra.sweeper.n_trials", f"{n_trials} is not allowed; allowed: an integer >= 1")
         if n_jobs < 1:
@@ -124,6 +125,9 @@ class StudySweeper:
         self.n_trials, self.n_jobs, self.seed = int(n_trials), int(n_jobs), seed
         self.enqueue_baselines, self.max_failure_rate, self.write_report = baselines, max_failure_rate, report
         self.heartbeat_interval = heartbeat_interval
+        if sensitivity_seeds < 0:
+            raise ConfigError("hydra.sweeper.sensitivity_seeds", f"{sensitivity_seeds} is not allowed; allowed: an integer >= 0")
+        self.sensitivity_seeds = int(sensitivity_seeds)
         self.config: DictConfig | None = None
         self.launcher: Launcher | None = None
         self.job_idx = 0
@@ -146,6 +150,8 @@ class StudySweeper:
         study = open_study(storage=storage, study_name=self.study_name, directions=setup.directions,
                            metric_names=setup.objective_names, sampler_cfg=self.sampler_cfg, seed=self.seed)
         baseline_params = self._enqueue_baselines(study, space) if self.enqueue_baselines else {}
+        if self.sensitivity_seeds and not study.user_attrs.get("sensitivity_seeded"):
+            self._enqueue_sensitivity_seeds(study, space)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -203,6 +209,15 @@ class StudySweeper:
             study.enqueue_trial(params, user_attrs={"baseline": name}, skip_if_exists=True)
         return baseline_params
 
+    def _enqueue_sensitivity_seeds(self, study: optuna.Study, space) -> None:
+        from hpsearch.sensitivity import sensitivity_seeds
+
+        seeds = sensitivity_seeds(space, self.config, self.sensitivity_seeds)
+        for i, params in enumerate(seeds):
+            study.enqueue_trial(params, user_attrs={"seed": f"sensitivity-{i}"}, skip_if_exists=True)
+        study.set_user_attr("sensitivity_seeded", len(seeds))
+        log.info("enqueued %d sensitivity-seeded trials (Hessian-weighted RTN error vs bytes)", len(seeds))
+
     def _tell(self, study: optuna.Study, trial: optuna.Trial, result: JobReturn, names: list[str],
               constraints: list[Constraint]) -> bool:
         if result.status == JobStatus.FAILED:
@@ -237,7 +252,8 @@ class StudySweeper:
             text = "  ".join(f"{n}={v:.4g}" for n, v in zip(names, frozen.values))
         else:
             text = f"FAILED: {frozen.user_attrs.get('fail_reason', '?')}"
-        tag = f" [{frozen.user_attrs['baseline']}]" if "baseline" in frozen.user_attrs else ""
+        label = frozen.user_attrs.get("baseline") or frozen.user_attrs.get("seed")
+        tag = f" [{label}]" if label else ""
         log.info("trial %d (%d/%d)%s %s  (%.1fs)", number, finished, self.n_trials, tag, text, seconds)
 
     def _finish(self, study: optuna.Study, sweep_dir: Path) -> None:

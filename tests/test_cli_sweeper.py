@@ -175,3 +175,17 @@ def test_report_renders_again_for_any_storage(study_run, tmp_path, capsys):
     rows = (tmp_path / "again" / "pareto.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + len(study.best_trials)
     assert "Pareto front of cli" in capsys.readouterr().out
+
+
+def test_sensitivity_seeded_trials_come_first(tmp_path, tiny_model_dir):
+    db = tmp_path / "m.db"
+    result = hpsearch([
+        f"model.name_or_path={tiny_model_dir}", "+experiment=mixed_precision", f"hydra.sweeper.storage=sqlite:///{db}",
+        "hydra.sweeper.study_name=seeded", "hydra.sweeper.n_trials=3", "hydra.sweeper.baselines=false",
+        "hydra.sweeper.sensitivity_seeds=2", "logging.wandb=false", "objectives.perplexity.max_tokens=1024",
+        "calib.n_samples=8", "calib.seq_len=64", "-m"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = load(db, "seeded").trials
+    assert [t.user_attrs.get("seed") for t in trials[:2]] == ["sensitivity-0", "sensitivity-1"]
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert trials[0].values[1] < trials[1].values[1]  # spread over memory, smallest first
