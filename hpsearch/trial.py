@@ -27,7 +27,7 @@ from hpsearch.space import SearchSpace
 from hpsearch.stages.base import Stage, StageContext
 from hpsearch.structure import ModelStructure, structure_of
 
-__all__ = ["TrialSetup", "build_setup", "run_trial", "compress", "job_directory"]
+__all__ = ["TrialSetup", "run_trial", "compress", "job_directory"]
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,6 @@ class TrialSetup:
 @functools.lru_cache(maxsize=4)
 def _structure(loaded_id: int, loaded: LoadedModel) -> ModelStructure:
     return structure_of(loaded.model)
-
-
-def build_setup(cfg: DictConfig, structure: ModelStructure) -> TrialSetup:
-    return TrialSetup(cfg, structure)
 
 
 def job_directory() -> Path:
@@ -126,7 +122,7 @@ def run_trial(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(seed)
     loaded = load_model(cfg.model)
     structure = _structure(id(loaded), loaded)
-    setup = build_setup(cfg, structure)
+    setup = TrialSetup(cfg, structure)
     params = OmegaConf.to_container(cfg.trial.params, resolve=True) if cfg.trial.get("params") else {}
     plan = setup.space.to_plan(params)
     timings = {"load_s": time.perf_counter() - start}
