@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["report_directory", "front", "beats_baselines", "write_report", "log_pareto_run", "main"]
+__all__ = ["report_directory", "front", "beats_baselines", "feature_wins", "FEATURES", "write_report", "log_pareto_run", "main"]
 
 
 def report_directory(storage_url: str, study_name: str, fallback: Path) -> Path:
@@ -54,6 +54,37 @@ def beats_baselines(study: optuna.Study, accuracy: int = 0, memory: int = 1) -> 
             if acc_ok and mem_better:
                 out.append((t.number, b.user_attrs["baseline"]))
     return out
+
+
+def _field_values(params: dict[str, Any], *fields: str) -> list[Any]:
+    """Values of the parameters named ``field`` or ``field.<unit>``."""
+    return [v for k, v in params.items() if k.split(".", 1)[0] in fields]
+
+
+#: Compression families a study may search; each is compared with the trials that do without it.
+FEATURES = {
+    "sparsity": lambda p: any(float(v) > 0 for v in _field_values(p, "sparsity")),
+    "LoRA adapters": lambda p: bool(p.get("lora", True)) and any(int(v) > 0 for v in _field_values(p, "lora_rank")),
+    "a quantized KV cache": lambda p: any(int(v) < 16 for v in _field_values(p, "kv_k_bits", "kv_v_bits")),
+}
+
+
+def feature_wins(study: optuna.Study, uses, accuracy: int = 0, memory: int = 1) -> tuple[list[int], int, int] | None:
+    """Front trials using a feature that no trial without it matches on memory at equal or better
+    accuracy; ``None`` when the study did not compare (all trials use it, or none does)."""
+    complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    with_f = [t for t in complete if uses(t.params)]
+    without = [t for t in complete if not uses(t.params)]
+    if not with_f or not without:
+        return None
+    sign = [1 if d == optuna.study.StudyDirection.MINIMIZE else -1 for d in study.directions]
+
+    def covers(w, t):  # w is at least as accurate and at most as large as t
+        return (sign[accuracy] * w.values[accuracy] <= sign[accuracy] * t.values[accuracy]
+                and sign[memory] * w.values[memory] <= sign[memory] * t.values[memory])
+
+    wins = [t.number for t in front(study) if uses(t.params) and not any(covers(w, t) for w in without)]
+    return wins, len(with_f), len(without)
 
 
 def _rows(study: optuna.Study, trials: Sequence[FrozenTrial], front_ids: set[int]) -> tuple[list[str], list[list[Any]]]:
@@ -160,6 +191,20 @@ def write_report(study: optuna.Study, out: Path, storage_url: str | None = None)
             lines.append(f"- `{name}`: beaten on {names[1]} at equal or better {names[0]} by trials {', '.join(map(str, numbers))}")
     else:
         lines.append("- no front point uses less memory than a baseline at equal or better accuracy")
+    comparisons = []
+    for feature, uses in FEATURES.items():
+        result = feature_wins(study, uses) if best and len(names) > 1 else None
+        if result is None:
+            continue
+        wins, n_with, n_without = result
+        if wins:
+            comparisons.append(f"- {feature}: for front trials {', '.join(map(str, wins))} no trial without it has both "
+                               f"as little {names[1]} and as good {names[0]} ({n_with} trials with, {n_without} without)")
+        else:
+            comparisons.append(f"- {feature}: no trial using it beats the trials without it on {names[1]} at equal "
+                               f"or better {names[0]} ({n_with} trials with, {n_without} without)")
+    if comparisons:
+        lines += ["", "## What the searched families bring", "", *comparisons]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["", "## Failed trials", ""]

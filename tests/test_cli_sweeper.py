@@ -189,3 +189,15 @@ def test_sensitivity_seeded_trials_come_first(tmp_path, tiny_model_dir):
     assert [t.user_attrs.get("seed") for t in trials[:2]] == ["sensitivity-0", "sensitivity-1"]
     assert all(t.state == TrialState.COMPLETE for t in trials)
     assert trials[0].values[1] < trials[1].values[1]  # spread over memory, smallest first
+
+
+def test_report_compares_searched_families(tmp_path):
+    from hpsearch.report import FEATURES, feature_wins
+
+    study = optuna.create_study(directions=["minimize", "minimize"], storage=f"sqlite:///{tmp_path / 'f.db'}")
+    dist = {"kv_k_bits": optuna.distributions.CategoricalDistribution([4, 16])}
+    for k, ppl, mem in [(16, 10.0, 5.0), (16, 11.0, 4.0), (4, 10.0, 4.5), (4, 12.0, 4.2)]:
+        study.add_trial(optuna.trial.create_trial(params={"kv_k_bits": k}, distributions=dist, values=[ppl, mem]))
+    wins, n_with, n_without = feature_wins(study, FEATURES["a quantized KV cache"])
+    assert (wins, n_with, n_without) == ([2], 2, 2)  # trial 3 is covered by trial 1 (11.0 at 4.0)
+    assert feature_wins(study, FEATURES["sparsity"]) is None  # the study never used it
