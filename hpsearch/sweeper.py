@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpsearch.constraints import Constraint, parse_constraints
 from hpsearch.errors import ConfigError
-from hpsearch.models import load_config
+from hpsearch.models import load_config, resolve_device, resolve_dtype
 from hpsearch.structure import structure_from_config
 from hpsearch.study import open_storage, open_study
 from hpsearch.trial import TrialSetup
@@ -281,6 +281,8 @@ def _fail(study: optuna.Study, trial: optuna.Trial, reason: str) -> None:
 
 def validate(config: DictConfig) -> tuple[TrialSetup, list[Constraint]]:
     """Everything checkable before a trial runs: model, space, stages, objectives, constraints."""
+    device = resolve_device(str(config.model.get("device", "auto")))
+    resolve_dtype(str(config.model.get("dtype", "auto")), device)
     structure = structure_from_config(load_config(str(config.model.name_or_path)))
     setup = TrialSetup(config, structure)
     metrics = [*setup.objective_names, *REPORTED_ATTRS]

@@ -132,6 +132,8 @@ def test_joblib_launcher_runs_batches(tmp_path, tiny_model_dir):
     ("constraints=['vram<=2']", "constraints[0]", "memory_gb"),
     ("pipeline=[quantize,prunez]", "pipeline[1]", "quantize"),
     ("stages.quantize.methodz=1", "stages.quantize", "methods"),
+    ("model.dtype=float64", "model.dtype", "bfloat16"),
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials", ">= 1"),
 ])
 def test_bad_input_fails_fast_with_one_line(tmp_path, override, key, allowed):
     result = hpsearch(["+experiment=quickstart", override, "-m"], tmp_path, timeout=120)
