@@ -171,8 +171,8 @@ def write_report(study: optuna.Study, out: Path, storage_url: str | None = None)
         f"# Study `{study.study_name}`",
         "",
         f"- model: `{study.user_attrs.get('model', '?')}`",
-        f"- objectives: " + ", ".join(f"{n} ({d})" for n, d in zip(names, directions)),
-        f"- trials: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()),
+        "- objectives: " + ", ".join(f"{n} ({d})" for n, d in zip(names, directions)),
+        "- trials: " + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()),
         f"- latency: {', '.join(latency_sources) if latency_sources else 'n/a'}"
         + (" (modelled, not measured)" if any(s.startswith("roofline") for s in latency_sources) else ""),
         "",

@@ -32,7 +32,6 @@ from hpsearch.structure import LinearInfo, ModelStructure
 __all__ = ["ParamSpec", "SearchSpace", "GRANULARITIES"]
 
 GRANULARITIES = ("model", "block", "layer_type", "layer")
-_PATTERNS_OK = ("unstructured",)
 
 
 @dataclass(frozen=True)

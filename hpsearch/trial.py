@@ -66,7 +66,7 @@ class TrialSetup:
 
 
 @functools.lru_cache(maxsize=4)
-def _structure(loaded_id: int, loaded: LoadedModel) -> ModelStructure:
+def _structure(loaded: LoadedModel) -> ModelStructure:
     return structure_of(loaded.model)
 
 
@@ -121,7 +121,7 @@ def run_trial(cfg: DictConfig) -> dict[str, Any]:
     seed = int(cfg.get("seed", 0)) + int(cfg.trial.number or 0)
     torch.manual_seed(seed)
     loaded = load_model(cfg.model)
-    structure = _structure(id(loaded), loaded)
+    structure = _structure(loaded)  # LoadedModel hashes by identity
     setup = TrialSetup(cfg, structure)
     params = OmegaConf.to_container(cfg.trial.params, resolve=True) if cfg.trial.get("params") else {}
     plan = setup.space.to_plan(params)

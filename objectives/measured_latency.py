@@ -72,7 +72,7 @@ class LayerTimer:
     def __init__(self, cache_file: Path | None, inner: int = 20, repeats: int = 15) -> None:
         self.cache_file, self.inner, self.repeats = cache_file, inner, repeats
         self.device_name = torch.cuda.get_device_name()
-        self.times: dict[str, float] = {}
+        self.times: dict[str, Any] = {}  # layer key -> microseconds; remainder key -> its record
         if cache_file is not None and cache_file.exists():
             self.times = json.loads(cache_file.read_text())
 
@@ -119,7 +119,8 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
     linears' measured times. Returns (microseconds, how it was measured)."""
     key = f"{timer.device_name}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}|{str(dtype).split('.')[-1]}"
     if key in timer.times:
-        return timer.times[key], timer.times.get(key + "|how", "cached")
+        entry = timer.times[key]
+        return entry["remainder_us"], entry["how"]
     from transformers import StaticCache
 
     dev = torch.device("cuda")
@@ -155,8 +156,7 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
             how = "eager (graph capture failed)"
     linears = sum(timer.layer_us(li.out_features, li.in_features, "dense", batch, dtype) for li in structure.linears)
     remainder = max(total - linears, 0.0)
-    timer.times[key], timer.times[key + "|how"] = remainder, how
-    timer.times[key + "|total_fp16_us"] = total
+    timer.times[key] = {"remainder_us": remainder, "how": how, "total_fp16_us": total}
     timer._save()
     return remainder, how
 

@@ -26,6 +26,13 @@ def load(db: Path, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
 
 
+def study(model_dir, db: Path, name: str, *overrides: str, experiment: str = "quickstart") -> list[str]:
+    """Arguments of a short study of the tiny model without W&B, ending in ``-m``."""
+    return [f"model.name_or_path={model_dir}", f"+experiment={experiment}", f"hydra.sweeper.storage=sqlite:///{db}",
+            f"hydra.sweeper.study_name={name}", "logging.wandb=false", "objectives.perplexity.max_tokens=1024",
+            *overrides, "-m"]
+
+
 @pytest.fixture(scope="module")
 def study_run(tmp_path_factory, tiny_model_dir):
     """One study of 6 trials with a memory budget, W&B offline; then the same command resumed to 8."""
@@ -88,12 +95,10 @@ def test_report_and_wandb_files(study_run):
 
 def test_failures_and_nan_are_failed_trials_and_study_goes_on(tmp_path, tiny_model_dir):
     db = tmp_path / "f.db"
-    result = hpsearch([
-        f"model.name_or_path={tiny_model_dir}", "+experiment=quickstart", f"hydra.sweeper.storage=sqlite:///{db}",
-        "hydra.sweeper.study_name=faults", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
-        "hydra.sweeper.baselines=false", "logging.wandb=false", "objectives.perplexity.max_tokens=1024",
-        "+stages.boom={_target_:faults.FailOnBits,bits:2}", "pipeline=[quantize,boom]",
-        "+objectives.nan_probe={_target_:faults.NaNOnBits,bits:3}", "-m"], tmp_path)
+    result = hpsearch(study(
+        tiny_model_dir, db, "faults", "hydra.sweeper.n_trials=10", "hydra/sweeper/sampler=random",
+        "hydra.sweeper.baselines=false", "+stages.boom={_target_:faults.FailOnBits,bits:2}", "pipeline=[quantize,boom]",
+        "+objectives.nan_probe={_target_:faults.NaNOnBits,bits:3}"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(db, "faults").trials
     assert len(trials) == 10
@@ -112,11 +117,9 @@ def test_failures_and_nan_are_failed_trials_and_study_goes_on(tmp_path, tiny_mod
 
 def test_joblib_launcher_runs_batches(tmp_path, tiny_model_dir):
     db = tmp_path / "j.db"
-    result = hpsearch([
-        f"model.name_or_path={tiny_model_dir}", "+experiment=quickstart", f"hydra.sweeper.storage=sqlite:///{db}",
-        "hydra.sweeper.study_name=batches", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
-        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "logging.wandb=false",
-        "objectives.perplexity.max_tokens=1024", "-m"], tmp_path)
+    result = hpsearch(study(
+        tiny_model_dir, db, "batches", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+        "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(db, "batches").trials
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
@@ -181,11 +184,10 @@ def test_report_renders_again_for_any_storage(study_run, tmp_path, capsys):
 
 def test_sensitivity_seeded_trials_come_first(tmp_path, tiny_model_dir):
     db = tmp_path / "m.db"
-    result = hpsearch([
-        f"model.name_or_path={tiny_model_dir}", "+experiment=mixed_precision", f"hydra.sweeper.storage=sqlite:///{db}",
-        "hydra.sweeper.study_name=seeded", "hydra.sweeper.n_trials=3", "hydra.sweeper.baselines=false",
-        "hydra.sweeper.sensitivity_seeds=2", "logging.wandb=false", "objectives.perplexity.max_tokens=1024",
-        "calib.n_samples=8", "calib.seq_len=64", "-m"], tmp_path)
+    result = hpsearch(study(
+        tiny_model_dir, db, "seeded", "hydra.sweeper.n_trials=3", "hydra.sweeper.baselines=false",
+        "hydra.sweeper.sensitivity_seeds=2", "calib.n_samples=8", "calib.seq_len=64",
+        experiment="mixed_precision"), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     trials = load(db, "seeded").trials
     assert [t.user_attrs.get("seed") for t in trials[:2]] == ["sensitivity-0", "sensitivity-1"]

@@ -116,7 +116,7 @@ class Trial:
 def _synthetic_calibration(n_tokens: int, seed: int):
     """``calibration_for`` with synthetic activations: per owner layer, random inputs with a few
     outlier channels fed through the real accumulator, cached under a key of their own."""
-    from hpsearch.calib import CalibConfig, LayerStats, StatsAccumulator, _store, digest, model_fingerprint
+    from hpsearch.calib import CalibConfig, StatsAccumulator, _store, digest, model_fingerprint
 
     def calibration_for(ctx, needs):
         cfg = CalibConfig.from_mapping(ctx.calib)
