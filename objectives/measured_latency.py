@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from hpsearch.objectives.base import EvalContext, Objective
-from hpsearch.objectives.latency import decode_seconds
+from hpsearch.objectives.latency import decode_seconds, prefill_seconds
 from hpsearch.objectives.profiles import get_profile
 from hpsearch.structure import ModelStructure
 
-__all__ = ["MeasuredLatency", "LayerTimer", "layer_format"]
+__all__ = ["MeasuredLatency", "LayerTimer", "layer_format", "rewind_static_cache"]
 
 
 def layer_format(record: dict[str, Any]) -> str:
@@ -113,11 +113,31 @@ class LayerTimer:
         return _graph_time_us(lambda: layer(x), self.inner, self.repeats)
 
 
+def rewind_static_cache(cache, position: int) -> None:
+    """Make the next write into a ``transformers.StaticCache`` land at ``position``.
+
+    Recent transformers versions place new keys by a per-layer counter on the device
+    (``cumulative_length``) rather than by ``cache_position``, so a step replayed in a CUDA graph
+    would walk past the end of the cache (a device-side assert in ``index_copy_``). Filling the
+    counter is a device op, so it is captured with the step; on versions without a counter it is a
+    no-op.
+    """
+    for layer in getattr(cache, "layers", ()):
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(position)
+
+
 def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batch: int, context: int,
-                  dtype: torch.dtype) -> tuple[float, str]:
-    """Decode-step time outside the linears: the uncompressed model's measured step minus its
-    linears' measured times. Returns (microseconds, how it was measured)."""
-    key = f"{timer.device_name}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}|{str(dtype).split('.')[-1]}"
+                  dtype: torch.dtype, new_tokens: int = 1) -> tuple[float, str]:
+    """Time outside the linears of one forward pass of ``new_tokens`` per sequence after ``context``
+    cached tokens (decode: 1 token after the context; prefill: the prompt after none): the
+    uncompressed model's measured pass minus its linears' measured times.
+
+    Returns (microseconds, how it was measured).
+    """
+    key = (f"{timer.device_name}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}"
+           f"|q{new_tokens}|{str(dtype).split('.')[-1]}")
     if key in timer.times:
         entry = timer.times[key]
         return entry["remainder_us"], entry["how"]
@@ -125,18 +145,21 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
 
     dev = torch.device("cuda")
     model = make_model().to(dev, dtype).eval()
-    # The decoded token's position must exist in the model: at most max_positions - 1 tokens
-    # are already cached, whatever deployment.context says.
-    context = max(1, min(context, structure.max_positions - 1))
-    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context + 1)
-    ids = torch.randint(0, structure.vocab_size, (batch, context), device=dev)
+    # Every position must exist in the model, whatever the deployment asks for.
+    new_tokens = max(1, min(new_tokens, structure.max_positions))
+    context = max(0, min(context, structure.max_positions - new_tokens))
+    cache = StaticCache(config=model.config, max_batch_size=batch, max_cache_len=context + new_tokens)
+    ids = torch.randint(0, structure.vocab_size, (batch, context + new_tokens), device=dev)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, cache_position=torch.arange(context, device=dev), use_cache=True)
-        token = ids[:, -1:].clone()
-        position = torch.tensor([context], device=dev)
+        if context:
+            model(input_ids=ids[:, :context], past_key_values=cache, cache_position=torch.arange(context, device=dev),
+                  use_cache=True)
+        step_ids = ids[:, context:].clone()
+        positions = torch.arange(context, context + new_tokens, device=dev)
 
         def step():
-            return model(input_ids=token, past_key_values=cache, cache_position=position, use_cache=True).logits
+            rewind_static_cache(cache, context)  # every replay writes the same positions
+            return model(input_ids=step_ids, past_key_values=cache, cache_position=positions, use_cache=True).logits
 
         try:
             total = _graph_time_us(step, inner=1, repeats=20)
@@ -154,7 +177,8 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
                 times.append((time.perf_counter() - t) * 1e6)
             total = statistics.median(times)
             how = "eager (graph capture failed)"
-    linears = sum(timer.layer_us(li.out_features, li.in_features, "dense", batch, dtype) for li in structure.linears)
+    rows = batch * new_tokens
+    linears = sum(timer.layer_us(li.out_features, li.in_features, "dense", rows, dtype) for li in structure.linears)
     remainder = max(total - linears, 0.0)
     timer.times[key] = {"remainder_us": remainder, "how": how, "total_fp16_us": total}
     timer._save()
@@ -162,47 +186,112 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
 
 
 class MeasuredLatency(Objective):
-    """Decode latency per token in milliseconds, measured on the GPU (roofline without one).
+    """Decode latency per token (or prefill time) in milliseconds, measured on the GPU.
+
+    Without CUDA the value is the roofline model's, labelled so. ``batch_size`` and ``context`` may
+    be lists: the value is then the mean over their grid (each point is also reported in
+    ``latency_grid_ms``), for deployments that serve several shapes.
 
     Args:
-        batch_size, context: deployment shape (batch of sequences, tokens already in the cache).
+        batch_size, context: deployment shape(s) (sequences per step, tokens already in the cache).
+        phase: ``"decode"`` (one new token per sequence, the default) or ``"prefill"`` (a prompt of
+            ``prefill_tokens`` tokens per sequence, with an empty cache).
+        prefill_tokens: prompt length for the prefill time; with ``phase: decode`` and a positive
+            value, the prefill time of the first batch size is measured too and reported as
+            ``prefill_ms``.
         profile: roofline device profile used without CUDA, and reported beside the measurement.
         dtype_bytes: bytes per element of what stays uncompressed (for the roofline).
         cache_file: JSON file of layer timings (default ``$HPSEARCH_CACHE`` or ``~/.cache/hpsearch``).
         inner, repeats: calls per CUDA graph and graph replays per timing.
     """
 
-    def __init__(self, *, name: str = "latency_ms", direction: str = "minimize", batch_size: int = 1,
-                 context: int = 1024, profile: str = "h100", dtype_bytes: int = 2, cache_file: str | None = None,
+    PHASES = ("decode", "prefill")
+
+    def __init__(self, *, name: str = "latency_ms", direction: str = "minimize", batch_size: int | list[int] = 1,
+                 context: int | list[int] = 1024, phase: str = "decode", prefill_tokens: int = 0,
+                 profile: str = "h100", dtype_bytes: int = 2, cache_file: str | None = None,
                  inner: int = 20, repeats: int = 15) -> None:
         super().__init__(name=name, direction=direction)
-        self.batch_size, self.context, self.dtype_bytes = batch_size, context, dtype_bytes
+        from hpsearch.errors import ConfigError
+
+        self.batch_sizes = _positive_ints(batch_size, "batch_size", allow_zero=False)
+        self.contexts = _positive_ints(context, "context", allow_zero=True)
+        if phase not in self.PHASES:
+            raise ConfigError("phase", f"got {phase!r}; allowed: {', '.join(self.PHASES)}")
+        if phase == "prefill" and prefill_tokens <= 0:
+            raise ConfigError("prefill_tokens", "must be a positive prompt length when phase is 'prefill'")
+        if prefill_tokens < 0:
+            raise ConfigError("prefill_tokens", f"got {prefill_tokens}; allowed: 0 (off) or a prompt length")
+        self.phase, self.prefill_tokens, self.dtype_bytes = phase, prefill_tokens, dtype_bytes
         self.profile = get_profile(profile)
         root = Path(os.environ.get("HPSEARCH_CACHE", Path.home() / ".cache" / "hpsearch"))
         self.cache_file = Path(cache_file) if cache_file else root / "latency.json"
         self.inner, self.repeats = inner, repeats
         self._timer: LayerTimer | None = None
 
+    def _roofline_ms(self, ctx: EvalContext, batch: int, context: int, new_tokens: int) -> float:
+        if new_tokens > 1:
+            return prefill_seconds(ctx.structure, ctx.manifest, self.profile, batch, new_tokens, self.dtype_bytes) * 1e3
+        return decode_seconds(ctx.structure, ctx.manifest, self.profile, batch, context, self.dtype_bytes) * 1e3
+
+    def _points(self) -> list[tuple[int, int, int]]:
+        """(batch, context, new tokens) of every timed forward pass the value averages."""
+        if self.phase == "prefill":
+            return [(b, 0, self.prefill_tokens) for b in self.batch_sizes]
+        return [(b, c, 1) for b in self.batch_sizes for c in self.contexts]
+
     def evaluate(self, model: nn.Module, ctx: EvalContext) -> float:
-        roofline_ms = decode_seconds(ctx.structure, ctx.manifest, self.profile, self.batch_size, self.context,
-                                     self.dtype_bytes) * 1e3
+        points = self._points()
+        roofline = [self._roofline_ms(ctx, *pt) for pt in points]
+        roofline_ms = statistics.fmean(roofline)
         if not torch.cuda.is_available():
             ctx.attrs.update(latency_source=f"roofline:{self.profile.name} (no CUDA device to measure on)")
+            if len(points) > 1:
+                ctx.attrs["latency_grid_ms"] = {_label(*pt): r for pt, r in zip(points, roofline)}
             return roofline_ms
         if self._timer is None:
             self._timer = LayerTimer(self.cache_file, self.inner, self.repeats)
-        timer = self._timer
-        dtype = torch.float16
+        measured, parts = [], {}
+        for pt in points:
+            ms, linears, remainder, how = self._measure_ms(ctx, model, *pt)
+            measured.append(ms)
+            parts[_label(*pt)] = ms
+        measured_ms = statistics.fmean(measured)
+        ctx.attrs.update(latency_source=f"measured:{self._timer.device_name} (per-layer CUDA graphs; rest: {how})",
+                         latency_roofline_ms=roofline_ms, latency_linears_ms=linears / 1e3,
+                         latency_remainder_ms=remainder / 1e3, latency_phase=self.phase,
+                         roofline_error=(roofline_ms - measured_ms) / measured_ms)
+        if len(points) > 1:
+            ctx.attrs["latency_grid_ms"] = parts
+        if self.phase == "decode" and self.prefill_tokens > 0:
+            ctx.attrs["prefill_ms"] = self._measure_ms(ctx, model, self.batch_sizes[0], 0, self.prefill_tokens)[0]
+        return measured_ms
+
+    def _measure_ms(self, ctx: EvalContext, model: nn.Module, batch: int, context: int,
+                    new_tokens: int) -> tuple[float, float, float, str]:
+        """(milliseconds, linears us, remainder us, how the rest was timed) of one forward pass."""
+        timer, dtype = self._timer, torch.float16
         base = ctx.source_model if ctx.source_model is not None else model  # the uncompressed model
-        remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, self.batch_size, self.context, dtype)
+        remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context, dtype,
+                                       new_tokens)
+        rows = batch * new_tokens
         linears = 0.0
         for li in ctx.structure.linears:
             record = ctx.manifest.layers[li.name]
-            linears += timer.layer_us(li.out_features, li.in_features, layer_format(record), self.batch_size, dtype)
-        measured_ms = (remainder + linears) / 1e3
-        ctx.attrs.update(latency_source=f"measured:{timer.device_name} (per-layer CUDA graphs; rest: {how})",
-                         latency_roofline_ms=roofline_ms, latency_linears_ms=linears / 1e3,
-                         latency_remainder_ms=remainder / 1e3,
-                         roofline_error=(roofline_ms - measured_ms) / measured_ms)
-        return measured_ms
+            linears += timer.layer_us(li.out_features, li.in_features, layer_format(record), rows, dtype)
+        return (remainder + linears) / 1e3, linears, remainder, how
 
+
+def _label(batch: int, context: int, new_tokens: int) -> str:
+    return f"prefill b{batch} p{new_tokens}" if new_tokens > 1 else f"decode b{batch} c{context}"
+
+
+def _positive_ints(value, key: str, allow_zero: bool) -> list[int]:
+    """``value`` (an int or a list of ints) as a list, or a one-line ``ConfigError`` naming ``key``."""
+    from hpsearch.errors import ConfigError
+
+    values = [value] if isinstance(value, (int, str)) else list(value)
+    lowest = 0 if allow_zero else 1
+    if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < lowest for v in values):
+        raise ConfigError(key, f"got {value!r}; allowed: an integer >= {lowest} or a list of them")
+    return [int(v) for v in values]

@@ -44,3 +44,56 @@ def test_gpu_layer_timings_are_cached_and_low_bits_are_faster(tmp_path):
     assert 0 < packed < dense
     again = LayerTimer(tmp_path / "lat.json")
     assert again.layer_us(11008, 4096, "dense", 1) == dense  # from the cache file, not re-measured
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path")
+def test_grid_and_prefill_are_the_mean_of_their_rooflines():
+    from hpsearch.objectives.latency import prefill_seconds
+
+    s = structure_from_config(small_config("llama", 256))
+    manifest = Manifest.for_structure("x", s)
+    prof = get_profile("h100")
+    ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
+    value = MeasuredLatency(batch_size=[1, 4], context=[64, 128]).evaluate(None, ctx)
+    expected = [decode_seconds(s, manifest, prof, b, c) * 1e3 for b in (1, 4) for c in (64, 128)]
+    assert value == pytest.approx(sum(expected) / 4)
+    assert set(ctx.attrs["latency_grid_ms"]) == {"decode b1 c64", "decode b1 c128", "decode b4 c64", "decode b4 c128"}
+    ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
+    value = MeasuredLatency(phase="prefill", prefill_tokens=32, batch_size=2).evaluate(None, ctx)
+    assert value == pytest.approx(prefill_seconds(s, manifest, prof, 2, 32) * 1e3)
+
+
+@pytest.mark.parametrize("kwargs,key", [
+    ({"phase": "train"}, "phase"),
+    ({"phase": "prefill"}, "prefill_tokens"),
+    ({"batch_size": [1, 0]}, "batch_size"),
+    ({"context": -1}, "context"),
+])
+def test_bad_settings_name_their_key(kwargs, key):
+    from hpsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        MeasuredLatency(**kwargs)
+
+
+def test_rewound_static_cache_replays_the_same_decode_step():
+    """Replaying a decode step (as a CUDA graph does) must keep writing the same cache position."""
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    from hpsearch.objectives.measured_latency import rewind_static_cache
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small_config("llama", 256)).eval()
+    context = 8
+    cache = StaticCache(config=model.config, max_cache_len=context + 1)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + 1))
+    with torch.no_grad():
+        model(input_ids=ids[:, :context], past_key_values=cache, cache_position=torch.arange(context), use_cache=True)
+        outs = []
+        for _ in range(4):  # without the rewind the second step writes past the end of the cache
+            rewind_static_cache(cache, context)
+            outs.append(model(input_ids=ids[:, context:], past_key_values=cache,
+                              cache_position=torch.tensor([context]), use_cache=True).logits)
+        full = model(input_ids=ids).logits[:, -1:]
+    for out in outs:
+        torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)

@@ -97,14 +97,15 @@ def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, comp
     """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step."""
     from transformers import StaticCache
 
+    from hpsearch.objectives.measured_latency import rewind_static_cache
+
     warmup = 3
     cache = StaticCache(config=model.config, max_cache_len=context + max(tokens, warmup) + 8)
     ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
     step_ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
 
     def rewind() -> None:  # back to the end of the prompt; the graph keeps its buffers
-        for layer in cache.layers:
-            layer.cumulative_length.fill_(context)
+        rewind_static_cache(cache, context)
 
     with torch.no_grad():
         model(input_ids=ids, past_key_values=cache, use_cache=True)  # prefill, allocates the cache
