@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_kernel", "gemv_kernel"]
+__all__ = ["dot_kernel", "gemv_kernel", "gemv_words_kernel"]
 
 
 @triton.jit
@@ -273,3 +273,122 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --- GEMV with in-place fields and per-word partial sums -------------------------------------
+#
+# Why a second GEMV: :func:`gemv_kernel` spends ~4 integer instructions per code (shift, mask,
+# shift, or), and integer instructions issue at half the rate of float ones on sm_80/sm_90, so
+# at 4 bits it is bound by the integer pipe well before memory (kernels/NOTES.md, run 3). Here a
+# field is turned into a float *where it lies*: ``(w & (mask << p)) | 0x4B000000`` read as float32
+# is ``2^23 + f * 2^p`` (exact while ``p + width <= 23``), one LOP3, and ``- 2^23`` (exact) leaves
+# ``f * 2^p``; the activation it meets is pre-scaled by ``2^-p``. Fields of the high half-word
+# (the odd codes, see ``_format``) are read from ``w >> 16``, one shift per word. So a code costs
+# one integer and two float instructions (LOP3, FADD, FFMA). Partial sums stay per word
+# ([BLOCK_N, words] accumulators, summed inside the thread), and the cross-thread reduction over
+# K happens once per program instead of once per tile.
+
+
+@triton.jit
+def _inplace_tree(half, OFF: tl.constexpr, STRIDE: tl.constexpr, LEVELS: tl.constexpr, WIDTH: tl.constexpr):
+    """``f * 2^(WIDTH * i)`` (float32) of fields ``i = OFF + STRIDE * j`` of ``half`` (a half-word
+    with 0x4B000000 or'ed in)."""
+    if LEVELS == 0:
+        # ``half`` already carries the exponent bits: one AND with one immediate per field
+        mask: tl.constexpr = (((1 << WIDTH) - 1) << (OFF * WIDTH)) | -8388608  # | 0xFF800000
+        return (half & mask).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        return tl.join(_inplace_tree(half, OFF, 2 * STRIDE, LEVELS - 1, WIDTH),
+                       _inplace_tree(half, OFF + STRIDE, 2 * STRIDE, LEVELS - 1, WIDTH))
+
+
+@triton.jit
+def _inplace_values(words, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, NW: tl.constexpr):
+    """Codes of ``words`` [BLOCK_N, NW] as ``q_c * 2^(WIDTH * (c // 2 mod P/2))``: [BLOCK_N, NW, 32 // WIDTH]."""
+    lo = (words & 0xFFFF) | 0x4B000000
+    hi = ((words >> 16) & 0xFFFF) | 0x4B000000
+    words = lo
+    if WIDTH == 1:
+        t = tl.join(_inplace_tree(words, 0, 1, 4, WIDTH), _inplace_tree(hi, 0, 1, 4, WIDTH))
+    elif WIDTH == 2:
+        t = tl.join(_inplace_tree(words, 0, 1, 3, WIDTH), _inplace_tree(hi, 0, 1, 3, WIDTH))
+    elif WIDTH == 4:
+        t = tl.join(_inplace_tree(words, 0, 1, 2, WIDTH), _inplace_tree(hi, 0, 1, 2, WIDTH))
+    else:
+        t = tl.join(_inplace_tree(words, 0, 1, 1, WIDTH), _inplace_tree(hi, 0, 1, 1, WIDTH))
+    return tl.reshape(t, (BLOCK_N, NW, 32 // WIDTH))
+
+
+@triton.jit
+def _slot_scaled_x(xk, WIDTH: tl.constexpr, BK: tl.constexpr):
+    """``x_k * 2^-(WIDTH * i)`` with ``i = (k mod P) // 2`` the field of code ``k`` in its half-word,
+    shaped [BK // P, P] like the words' codes."""
+    P: tl.constexpr = 32 // WIDTH
+    c = tl.arange(0, BK) % P
+    scale = ((127 - WIDTH * (c // 2)) << 23).to(tl.float32, bitcast=True)  # 2^-(WIDTH*i), exact
+    return tl.reshape(xk * scale, (BK // P, P))
+
+
+@triton.jit
+def _word_sums(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """Per word of the tile, ``sum_c q_c x_c`` over its codes: float32 [BLOCK_N, BK * WIDTH // 32]."""
+    NW: tl.constexpr = BK * WIDTH // 32
+    v = _inplace_values(tl.load(ptrs), WIDTH, BLOCK_N, NW)
+    return tl.sum(v * _slot_scaled_x(xk, WIDTH, BK)[None, :, :], axis=2)
+
+
+@triton.jit
+def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
+                      N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
+                      BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Same contract and grid as :func:`gemv_kernel`; see the section comment for how it differs.
+
+    Per tile (inside one group): ``acc[n, w] += s_n * (sum_{c in w} q_c x_c - z_n * sum_{c in w} x_c)``
+    for every word ``w``, as two FMAs per word; ``y_n = sum_w acc[n, w]`` at the end.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
+    row_words = rows * (K_PAD * BITS // 32)
+    x_row = x_ptr + pid_m * stride_xm
+    if BITS == 3:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
+        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
+        acc = tl.zeros([BLOCK_N, BK // 16], dtype=tl.float32)
+        acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
+    else:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
+        hi_ptrs = lo_ptrs
+        acc = tl.zeros([BLOCK_N, BK * BITS // 32], dtype=tl.float32)
+        acc_hi = acc
+    for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
+        rk = k0 + tl.arange(0, BK)
+        if MASK_K:
+            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+        else:
+            xk = tl.load(x_row + rk).to(tl.float32)
+        s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+        if BITS == 3:
+            xw = tl.sum(tl.reshape(xk, (BK // 16, 16)), axis=1)
+            acc += s[:, None] * _word_sums(lo_ptrs, xk, 2, BLOCK_N, BK) - (s * z)[:, None] * xw[None, :]
+            acc_hi += (4.0 * s)[:, None] * _word_sums(hi_ptrs, xk, 1, BLOCK_N, BK)
+            lo_ptrs += BK // 16 * SPLIT_K
+            hi_ptrs += BK // 32 * SPLIT_K
+        else:
+            xw = tl.sum(tl.reshape(xk, (BK * BITS // 32, 32 // BITS)), axis=1)
+            acc += s[:, None] * _word_sums(lo_ptrs, xk, BITS, BLOCK_N, BK) - (s * z)[:, None] * xw[None, :]
+            lo_ptrs += BK * BITS // 32 * SPLIT_K
+    out = tl.sum(acc, axis=1)
+    if BITS == 3:
+        out += tl.sum(acc_hi, axis=1)
+    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid_k == 0:
+            out += tl.load(b_ptr + rows).to(tl.float32)
+    y = y_ptr + pid_m * stride_ym + rn
+    if SPLIT_K == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)

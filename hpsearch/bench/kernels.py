@@ -45,6 +45,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
         for bn in (32, 64, 128):
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("gemv", block_n=bn, block_k=128, split_k=sk, num_stages=3))
+        for bn, nw in ((32, 4), (64, 4), (128, 4), (128, 8), (256, 8)):
+            for sk in (1, 2, 4, 8):
+                out.append(KernelConfig("gemv_words", block_n=bn, block_k=128, split_k=sk, num_warps=nw,
+                                        num_stages=3))
+        out.append(KernelConfig("gemv_words", block_n=64, block_k=128, split_k=4, num_stages=4))
+        out.append(KernelConfig("gemv_words", block_n=64, block_k=128, split_k=4, num_stages=2))
     if m <= 16:
         for bn in (64, 128):
             for sk in (1, 2, 4, 8):
