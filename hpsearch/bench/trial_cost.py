@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import random
 import statistics
 import sys
@@ -72,7 +73,8 @@ class Trial:
             :func:`hpsearch.calib.calibration_for` (synthetic activations).
     """
 
-    def __init__(self, model, tokenizer, device, calib: dict[str, Any], eval_blocks=None, stats_override=None) -> None:
+    def __init__(self, model, tokenizer, device, calib: dict[str, Any], eval_blocks=None, stats_override=None,
+                 gptq: dict[str, Any] | None = None) -> None:
         from hpsearch.stages.gptq import GPTQ
         from hpsearch.stages.awq import AWQ
         from hpsearch.stages.quantize import Quantize
@@ -81,7 +83,8 @@ class Trial:
 
         self.model, self.tokenizer, self.device, self.calib = model, tokenizer, device, calib
         self.structure = structure_of(model)
-        self.stage = Quantize(methods={"rtn": RTN(), "gptq": GPTQ(), "awq": AWQ(), "awq_gptq": AWQ(inner="gptq")})
+        self.stage = Quantize(methods={"rtn": RTN(), "gptq": GPTQ(**(gptq or {})), "awq": AWQ(),
+                                       "awq_gptq": AWQ(inner="gptq")})
         self.eval_blocks, self.stats_override = eval_blocks, stats_override
 
     def __call__(self, plan) -> dict[str, float]:
@@ -174,6 +177,8 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--gptq", default="{}", help='GPTQ options as JSON, e.g. \'{"clip_search": false}\' to make '
+                   "the cold passes of a 7B-shaped run affordable (warm trials only read the cache)")
     ns = p.parse_args(args)
     if ns.threads:
         torch.set_num_threads(ns.threads)
@@ -198,8 +203,10 @@ def run(args: list[str]) -> dict[str, Any]:
         model, tokenizer, override, name = loaded.model, loaded.tokenizer, None, ns.model
         eval_blocks = token_blocks(tokenizer, "embedded:test", 256, max_tokens=ns.eval_tokens)
 
+    gptq_options = json.loads(ns.gptq)
+
     def trial_for(cache_dir: Path) -> Trial:
-        return Trial(model, tokenizer, device, {**calib, "cache_dir": str(cache_dir)}, eval_blocks, override)
+        return Trial(model, tokenizer, device, {**calib, "cache_dir": str(cache_dir)}, eval_blocks, override, gptq_options)
 
     from hpsearch.structure import structure_of
 
@@ -211,7 +218,8 @@ def run(args: list[str]) -> dict[str, Any]:
         cold.append(trial(uniform_plan(structure, 4, 128, "gptq")))
         print(f"cold {r}: {cold[-1]}", file=sys.stderr)
     # the last study's caches now hold 4-bit choices; an earlier trial with another plan adds 3-bit ones
-    trial(uniform_plan(structure, 3, 128, "gptq"))
+    other = trial(uniform_plan(structure, 3, 128, "gptq"))
+    print(f"other plan (uniform 3-bit): {other}", file=sys.stderr)
     for r in range(ns.repeats):
         warm.append(trial(mixed_plan(structure, [3, 4], 128, "gptq", seed=100 + r)))
         assert warm[-1]["cached"] == len(structure.block_linears()), warm[-1]
@@ -230,6 +238,7 @@ def run(args: list[str]) -> dict[str, Any]:
         "compress_ratio": round(med(cold, "compress_s") / med(warm, "compress_s"), 2),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
         "model": name,
+        "gptq_options": gptq_options or "defaults",
         "repeats": ns.repeats,
         "layers": len(structure.block_linears()),
         "calibration": f"{ns.n_samples} x {ns.seq_len} tokens" + (" (synthetic)" if ns.synthetic else ""),
