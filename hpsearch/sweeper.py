@@ -216,7 +216,7 @@ class StudySweeper:
         for i, params in enumerate(seeds):
             study.enqueue_trial(params, user_attrs={"seed": f"sensitivity-{i}"}, skip_if_exists=True)
         study.set_user_attr("sensitivity_seeded", len(seeds))
-        log.info("enqueued %d sensitivity-seeded trials (Hessian-weighted RTN error vs bytes)", len(seeds))
+        log.info("enqueued %d sensitivity-seeded trials (Fisher- and Hessian-weighted error of the method vs bytes)", len(seeds))
 
     def _tell(self, study: optuna.Study, trial: optuna.Trial, result: JobReturn, names: list[str],
               constraints: list[Constraint]) -> bool:

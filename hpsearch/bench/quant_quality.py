@@ -2,10 +2,11 @@
 
     python -m hpsearch.bench quant_quality [--model hpsearch/embedded-llama] [--threads 2]
 
-Every block linear is quantized (asymmetric, g128) with RTN, GPTQ and AWQ (scales + RTN), through
-the quantization stage and the cached calibration statistics (``embedded:train``, 128 x 512 tokens
-by default), and scored on ``embedded:test`` like the perplexity objective (256-token blocks,
-``--eval-tokens`` tokens). Keys: ``baseline``, ``rtn3``, ``rtn4``, ``gptq3``, ``gptq4``, ``awq3``,
+Every block linear is quantized (asymmetric, g128) with plain min-max RTN, GPTQ and AWQ (scales +
+RTN) at the method classes' defaults (GPTQ: act-order, static groups, clipping search of the grids;
+AWQ: clipping search after the scale search), through the quantization stage and the cached
+calibration statistics (``embedded:train``, 128 x 512 tokens by default), and scored on
+``embedded:test`` like the perplexity objective (256-token blocks, ``--eval-tokens`` tokens). Keys: ``baseline``, ``rtn3``, ``rtn4``, ``gptq3``, ``gptq4``, ``awq3``,
 ``awq4`` (plus ``awq_gptq3``/``awq_gptq4`` with ``--awq-gptq``).
 """
 

@@ -7,8 +7,10 @@ Salient input channels (large mean ``|x|``) are scaled up before quantization an
 scaled down by the same factor: ``y = Q(W diag(s)) (diag(s)^-1 x)`` (Equation (3)). The scale is
 ``s = s_x^alpha`` (Equation (5)) with ``s_x`` the per-channel mean ``|x|``, and ``alpha`` is found by
 grid search minimising the layer output error. Here the error is computed from the cached input
-Hessian ``H = E[x x^T]`` as ``tr(dW H dW^T)``, so the search needs no forward pass. The weight
-clipping search of the paper is not done.
+Hessian ``H = E[x x^T]`` as ``tr(dW H dW^T)``, so the search needs no forward pass. The paper's
+weight-clipping search (``auto_clip`` in the authors' code: after scaling, each group's range is
+shrunk by up to half in 20 steps to minimise the output error) is
+:func:`~hpsearch.methods.clip.mse_clip_grid` on the scaled weight with the scaled Hessian.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hpsearch.methods.clip import mse_clip_grid
 from hpsearch.methods.gptq import output_error
-from hpsearch.methods.grid import QuantizedWeight, quantize_rtn
+from hpsearch.methods.grid import QuantizedWeight, quantize, quantize_rtn
 
 __all__ = ["awq_scales", "awq_search", "DEFAULT_GRID"]
 
@@ -43,8 +46,8 @@ def _fit(W: torch.Tensor, s: torch.Tensor, quantizer: Callable[[torch.Tensor], Q
 @torch.no_grad()
 def awq_search(W: torch.Tensor, H: torch.Tensor, mean_abs: torch.Tensor, bits: int, group_size: int, sym: bool,
                *, grid: Sequence[float] = DEFAULT_GRID,
-               final: Callable[[torch.Tensor, torch.Tensor], QuantizedWeight] | None = None
-               ) -> tuple[QuantizedWeight, float, float]:
+               final: Callable[[torch.Tensor, torch.Tensor], QuantizedWeight] | None = None,
+               clip_shrinks: Sequence[float] | None = None) -> tuple[QuantizedWeight, float, float]:
     """Search ``alpha`` over ``grid`` with RTN and the Hessian error; quantize with the best scales.
 
     Args:
@@ -56,6 +59,9 @@ def awq_search(W: torch.Tensor, H: torch.Tensor, mean_abs: torch.Tensor, bits: i
             is never worse than RTN on the calibration error.
         final: ``(W_scaled, H_scaled) -> QuantizedWeight`` quantizing the scaled weight with the
             scaled Hessian ``diag(s)^-1 H diag(s)^-1`` (e.g. GPTQ); RTN when ``None``.
+        clip_shrinks: with RTN (``final`` is ``None``), the range factors of the clipping search
+            run after the scale search on the scaled weight; ``None``: min-max grids. The error in
+            the scaled basis equals the error in the original one, so clipping never raises it.
 
     Returns:
         ``(quantized weight with in_scale, best alpha, its calibration output error)``.
@@ -75,9 +81,15 @@ def awq_search(W: torch.Tensor, H: torch.Tensor, mean_abs: torch.Tensor, bits: i
             best = (alpha, err)
     alpha = best[0]
     s = awq_scales(mean_abs, alpha)
-    if final is None:
-        return _fit(W, s, rtn), alpha, best[1]
     inv = 1.0 / s
+    if final is None and clip_shrinks is None:
+        return _fit(W, s, rtn), alpha, best[1]
+    if final is None:  # auto_clip: tr(dW' H' dW'^T) with W' = W diag(s), H' = diag(s)^-1 H diag(s)^-1
+        W_s, H_s = W * s.unsqueeze(0), H * inv.unsqueeze(0) * inv.unsqueeze(1)
+        scale, zero = mse_clip_grid(W_s, H_s, bits, group_size, sym, shrinks=tuple(clip_shrinks))
+        q = quantize(W_s, scale, zero, bits, group_size)
+        qw = QuantizedWeight(q, scale.half(), zero.to(torch.uint8), bits, group_size, sym, in_scale=s.half())
+        return qw, alpha, output_error(W, qw.dequantize(), H)
     qw = final(W * s.unsqueeze(0), H * inv.unsqueeze(0) * inv.unsqueeze(1))
     qw.in_scale = s.half()
     return qw, alpha, output_error(W, qw.dequantize(), H)

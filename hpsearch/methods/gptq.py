@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from hpsearch.methods.clip import mse_clip_grid
 from hpsearch.methods.grid import QuantizedWeight, fit_grid
 
 __all__ = ["gptq_quantize", "output_error", "damped_inverse_cholesky"]
@@ -52,7 +53,7 @@ def damped_inverse_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, *,
                   percdamp: float = 0.01, blocksize: int = 128, act_order: bool = False,
-                  static_groups: bool = False) -> QuantizedWeight:
+                  static_groups: bool = False, clip_shrinks: tuple[float, ...] | None = None) -> QuantizedWeight:
     """Quantize ``W`` column by column, spreading each column's error over the columns not yet
     quantized (Algorithm 1), with lazy batch updates of ``blocksize`` columns.
 
@@ -69,6 +70,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             ``act_order`` so a group still covers ``group_size`` contiguous input channels (one
             scale per group in storage order); otherwise a group's grid is fitted on the
             error-compensated weights when its first column is reached, as in the paper's code.
+        clip_shrinks: range factors for an MSE-optimal clipping search of every group's grid
+            (:func:`~hpsearch.methods.clip.mse_clip_grid`, the reference code's ``mse`` option);
+            ``None``: min-max grids. Static grids are searched on the original weight with ``H``;
+            a grid fitted when its group is reached is searched on the updated weights with the
+            Hessian of the group given that the later columns compensate its error,
+            ``([H_rest^-1]_cc)^-1 = (U_cc^T U_cc)^-1`` (``U`` the upper Cholesky factor of ``H^-1``).
 
     Returns:
         The codes, scales and zeros (dequantize to get ``W_hat``).
@@ -87,7 +94,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     n_groups = K // group_size
     scale = torch.zeros(N, n_groups, device=W.device)
     zero = torch.zeros(N, n_groups, device=W.device)
-    if static_groups:
+    if static_groups and clip_shrinks is not None:
+        scale, zero = mse_clip_grid(W, H, bits, group_size, sym, shrinks=clip_shrinks)
+    elif static_groups:
         scale, zero = fit_grid(W, bits, group_size, sym)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K, device=W.device)
     W = W[:, perm]
@@ -112,7 +121,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
             if not static_groups and j % group_size == 0:
                 # fit the group's grid on the weights as updated so far
                 cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                s, z = fit_grid(cols, bits, group_size, sym)
+                if clip_shrinks is None:
+                    s, z = fit_grid(cols, bits, group_size, sym)
+                else:
+                    U_cc = Hinv[j : j + group_size, j : j + group_size]
+                    H_cc = torch.cholesky_inverse(U_cc, upper=True)  # (U_cc^T U_cc)^-1
+                    s, z = mse_clip_grid(cols, H_cc, bits, group_size, sym, shrinks=clip_shrinks)
                 scale[:, g], zero[:, g] = s[:, 0], z[:, 0]
             s, z = scale[:, g], zero[:, g]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)  # quant(w), Algorithm 1 line 6
