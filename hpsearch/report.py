@@ -87,6 +87,49 @@ def feature_wins(study: optuna.Study, uses, accuracy: int = 0, memory: int = 1) 
     return wins, len(with_f), len(without)
 
 
+def roofline_agreement(trials: Sequence[FrozenTrial]) -> dict[str, float] | None:
+    """How the roofline model compares with measured latency over the trials that have both.
+
+    Returns ``None`` when no trial was measured; else the number of trials, the median absolute
+    relative error of the roofline, its range (signed: positive means the roofline is slower than
+    measured) and the Spearman rank correlation of the two (does the model order trials as the
+    measurement does?).
+    """
+    pairs = [(float(t.user_attrs["latency_roofline_ms"]), float(t.user_attrs["roofline_error"]))
+             for t in trials if t.state == TrialState.COMPLETE and "roofline_error" in t.user_attrs
+             and "latency_roofline_ms" in t.user_attrs]
+    if not pairs:
+        return None
+    errors = sorted(e for _, e in pairs)
+    measured = [r / (1.0 + e) for r, e in pairs]  # error = (roofline - measured) / measured
+    abs_errors = sorted(abs(e) for e in errors)
+    mid = len(abs_errors) // 2
+    median = abs_errors[mid] if len(abs_errors) % 2 else 0.5 * (abs_errors[mid - 1] + abs_errors[mid])
+    return {"trials": len(pairs), "median_abs_error": median, "min_error": errors[0], "max_error": errors[-1],
+            "spearman": _spearman([r for r, _ in pairs], measured)}
+
+
+def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    def ranks(v: Sequence[float]) -> list[float]:
+        order = sorted(range(len(v)), key=v.__getitem__)
+        out = [0.0] * len(v)
+        i = 0
+        while i < len(order):  # ties share their mean rank
+            j = i
+            while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2.0
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = math.sqrt(sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb))
+    return cov / var if var else float("nan")
+
+
 def _rows(study: optuna.Study, trials: Sequence[FrozenTrial], front_ids: set[int]) -> tuple[list[str], list[list[Any]]]:
     names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
     param_names = sorted({k for t in trials for k in t.params})
@@ -205,6 +248,13 @@ def write_report(study: optuna.Study, out: Path, storage_url: str | None = None)
                                f"or better {names[0]} ({n_with} trials with, {n_without} without)")
     if comparisons:
         lines += ["", "## What the searched families bring", "", *comparisons]
+    agreement = roofline_agreement(trials)
+    if agreement:
+        lines += ["", "## Roofline against measured latency", "",
+                  f"- {agreement['trials']} trials measured; the roofline is off by a median of "
+                  f"{100 * agreement['median_abs_error']:.1f}% (from {100 * agreement['min_error']:+.1f}% to "
+                  f"{100 * agreement['max_error']:+.1f}%; + means the roofline is slower than measured)",
+                  f"- rank agreement (Spearman) between roofline and measured latency: {agreement['spearman']:.2f}"]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["", "## Failed trials", ""]
