@@ -24,9 +24,9 @@ __all__ = ["KernelConfig", "choose_config", "packed_matmul", "triton_enabled"]
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one launch. ``kind`` is ``"gemv"`` or ``"gemv_words"`` (one activation row per
-    program; the second turns fields into floats in place, see ``_triton_kernels``) or ``"dot"``
-    (tensor cores, several rows)."""
+    """Tile sizes of one launch. ``kind`` is ``"gemv"``, ``"gemv_words"`` or ``"gemv_asm"`` (one
+    activation row per program; the last two turn fields into floats in place, the third with
+    inline PTX, see ``_triton_kernels``) or ``"dot"`` (tensor cores, several rows)."""
 
     kind: str
     block_n: int
@@ -130,11 +130,14 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
               "GROUP": 0 if per_channel else group_size, "HAS_BIAS": bias is not None,
               "MASK_K": k != k_pad, "BLOCK_N": cfg.block_n, "BK": bk, "SPLIT_K": split_k,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.kind in ("gemv", "gemv_words"):
+    if cfg.kind in ("gemv", "gemv_words", "gemv_asm"):
         grid = (triton_cdiv(n, cfg.block_n), split_k, m)
         common["NUM_STAGES"] = common.pop("num_stages")
-        kernel = kern.gemv_kernel if cfg.kind == "gemv" else kern.gemv_words_kernel
-        kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
+        if cfg.kind == "gemv":
+            kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
+        else:  # gemv_asm: inline PTX, CUDA only (the interpreter takes the Triton body)
+            kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=cfg.kind == "gemv_asm" and x2.is_cuda,
+                                         **common)
     elif cfg.kind == "dot":
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split_k)
         upcast = x2.device.type == "cpu" and x2.dtype != torch.float16  # interpreter: see dot_kernel
@@ -142,7 +145,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
                               F16X2=f16x2, **common)
     else:
-        raise ValueError(f"config.kind must be 'gemv', 'gemv_words' or 'dot', got {cfg.kind!r}")
+        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm' or 'dot', got {cfg.kind!r}")
     return y.to(x2.dtype)
 
 

@@ -341,8 +341,11 @@ def _word_sums(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.cons
 def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                       N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      ASM: tl.constexpr = False):
     """Same contract and grid as :func:`gemv_kernel`; see the section comment for how it differs.
+    ``ASM`` (CUDA only: inline PTX does not run in the interpreter) takes the per-word sums of 2-,
+    4- and 8-bit planes from :func:`_word_sums_asm`.
 
     Per tile (inside one group): ``acc[n, w] += s_n * (sum_{c in w} q_c x_c - z_n * sum_{c in w} x_c)``
     for every word ``w``, as two FMAs per word; ``y_n = sum_w acc[n, w]`` at the end.
@@ -373,13 +376,21 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
         if BITS == 3:
             xw = tl.sum(tl.reshape(xk, (BK // 16, 16)), axis=1)
-            acc += s[:, None] * _word_sums(lo_ptrs, xk, 2, BLOCK_N, BK) - (s * z)[:, None] * xw[None, :]
+            if ASM:
+                lo_sums = _word_sums_asm(lo_ptrs, xk, 2, BLOCK_N, BK)
+            else:
+                lo_sums = _word_sums(lo_ptrs, xk, 2, BLOCK_N, BK)
+            acc += s[:, None] * lo_sums - (s * z)[:, None] * xw[None, :]
             acc_hi += (4.0 * s)[:, None] * _word_sums(hi_ptrs, xk, 1, BLOCK_N, BK)
             lo_ptrs += BK // 16 * SPLIT_K
             hi_ptrs += BK // 32 * SPLIT_K
         else:
             xw = tl.sum(tl.reshape(xk, (BK * BITS // 32, 32 // BITS)), axis=1)
-            acc += s[:, None] * _word_sums(lo_ptrs, xk, BITS, BLOCK_N, BK) - (s * z)[:, None] * xw[None, :]
+            if ASM:
+                sums = _word_sums_asm(lo_ptrs, xk, BITS, BLOCK_N, BK)
+            else:
+                sums = _word_sums(lo_ptrs, xk, BITS, BLOCK_N, BK)
+            acc += s[:, None] * sums - (s * z)[:, None] * xw[None, :]
             lo_ptrs += BK * BITS // 32 * SPLIT_K
     out = tl.sum(acc, axis=1)
     if BITS == 3:
@@ -392,3 +403,102 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         tl.store(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
     else:
         tl.atomic_add(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+# --- The same GEMV with the per-half-word arithmetic in PTX (CUDA only) -----------------------
+#
+# Compiled from Triton, ``gemv_words_kernel`` still spends ~7 instructions per code (run 4 in
+# kernels/NOTES.md): the or-ed constant is rematerialised, the in-thread sum is a tree of FMUL and
+# FADD. Written by hand, a
+# field one LOP3 ``(w & mask) | 0x4B000000``, one FADD and one FFMA of a serial chain (the high
+# half-word shifted down once): ~3.1 instructions per code.
+
+
+def _half_word_asm(width: int, high: bool) -> str:
+    """PTX: ``$0 = $2 + sum_i (f_i * 2^(width*i)) * $(3+i)`` over the fields ``f_i`` of half-word
+    ``high`` of the word ``$1`` (see ``gemv_words_kernel`` for the float trick): per field one LOP3
+    ``(w & mask_i) | 0x4B000000``, one FADD and one FFMA of a serial chain."""
+    fields = 16 // width
+    lines = ["{", ".reg .b32 m, f, c;", ".reg .f32 v, a;", "mov.b32 c, 0x4B000000;",
+             "shr.b32 m, $1, 16;" if high else "mov.b32 m, $1;", "mov.f32 a, $2;"]
+    for i in range(fields):
+        mask = ((1 << width) - 1) << (width * i)
+        lines += [f"lop3.b32 f, m, {mask:#x}, c, 0xEA;", "mov.b32 v, f;", "sub.rn.f32 v, v, 0f4B000000;",
+                  f"fma.rn.f32 a, v, ${3 + i}, a;"]
+    lines += ["mov.f32 $0, a;", "}"]
+    return " ".join(lines)
+
+
+def _constraints(width: int) -> str:
+    return ",".join(["=f", "r", "f"] + ["f"] * (16 // width))
+
+
+_ASM_LO2: tl.constexpr = tl.constexpr(_half_word_asm(2, False))
+_ASM_HI2: tl.constexpr = tl.constexpr(_half_word_asm(2, True))
+_ASM_LO4: tl.constexpr = tl.constexpr(_half_word_asm(4, False))
+_ASM_HI4: tl.constexpr = tl.constexpr(_half_word_asm(4, True))
+_ASM_LO8: tl.constexpr = tl.constexpr(_half_word_asm(8, False))
+_ASM_HI8: tl.constexpr = tl.constexpr(_half_word_asm(8, True))
+_CON2: tl.constexpr = tl.constexpr(_constraints(2))
+_CON4: tl.constexpr = tl.constexpr(_constraints(4))
+_CON8: tl.constexpr = tl.constexpr(_constraints(8))
+
+
+@triton.jit
+def _halves(t):
+    """``t[..., 2k]`` and ``t[..., 2k + 1]`` of a last axis of even length."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+
+
+@triton.jit
+def _word_sums_asm(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """:func:`_word_sums` with the arithmetic in PTX (``WIDTH`` 2, 4 or 8)."""
+    NW: tl.constexpr = BK * WIDTH // 32
+    words = tl.load(ptrs)
+    xs = _slot_scaled_x(xk, WIDTH, BK)  # [NW, P], code order
+    xe, xo = _halves(xs)  # even codes (low half-word), odd codes (high half-word): [NW, P/2]
+    zero = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
+    if WIDTH == 8:
+        e0, e1 = _halves(xe)
+        o0, o1 = _halves(xo)
+        acc = tl.inline_asm_elementwise(_ASM_LO8, _CON8, [words, zero, e0.reshape(1, NW), e1.reshape(1, NW)],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+        acc = tl.inline_asm_elementwise(_ASM_HI8, _CON8, [words, acc, o0.reshape(1, NW), o1.reshape(1, NW)],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    elif WIDTH == 4:
+        e02, e13 = _halves(xe)  # fields 0, 2 | 1, 3
+        e0, e2 = _halves(e02)
+        e1, e3 = _halves(e13)
+        o02, o13 = _halves(xo)
+        o0, o2 = _halves(o02)
+        o1, o3 = _halves(o13)
+        acc = tl.inline_asm_elementwise(
+            _ASM_LO4, _CON4, [words, zero, e0.reshape(1, NW), e1.reshape(1, NW), e2.reshape(1, NW), e3.reshape(1, NW)],
+            dtype=tl.float32, is_pure=True, pack=1)
+        acc = tl.inline_asm_elementwise(
+            _ASM_HI4, _CON4, [words, acc, o0.reshape(1, NW), o1.reshape(1, NW), o2.reshape(1, NW), o3.reshape(1, NW)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        e0246, e1357 = _halves(xe)
+        e04, e26 = _halves(e0246)
+        e15, e37 = _halves(e1357)
+        e0, e4 = _halves(e04)
+        e2, e6 = _halves(e26)
+        e1, e5 = _halves(e15)
+        e3, e7 = _halves(e37)
+        o0246, o1357 = _halves(xo)
+        o04, o26 = _halves(o0246)
+        o15, o37 = _halves(o1357)
+        o0, o4 = _halves(o04)
+        o2, o6 = _halves(o26)
+        o1, o5 = _halves(o15)
+        o3, o7 = _halves(o37)
+        acc = tl.inline_asm_elementwise(
+            _ASM_LO2, _CON2, [words, zero, e0.reshape(1, NW), e1.reshape(1, NW), e2.reshape(1, NW), e3.reshape(1, NW),
+                              e4.reshape(1, NW), e5.reshape(1, NW), e6.reshape(1, NW), e7.reshape(1, NW)],
+            dtype=tl.float32, is_pure=True, pack=1)
+        acc = tl.inline_asm_elementwise(
+            _ASM_HI2, _CON2, [words, acc, o0.reshape(1, NW), o1.reshape(1, NW), o2.reshape(1, NW), o3.reshape(1, NW),
+                              o4.reshape(1, NW), o5.reshape(1, NW), o6.reshape(1, NW), o7.reshape(1, NW)],
+            dtype=tl.float32, is_pure=True, pack=1)
+    return acc

@@ -51,6 +51,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                                         num_stages=3))
         out.append(KernelConfig("gemv_words", block_n=64, block_k=128, split_k=4, num_stages=4))
         out.append(KernelConfig("gemv_words", block_n=64, block_k=128, split_k=4, num_stages=2))
+        for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8), (256, 4)):
+            for sk in (1, 2, 4, 8):
+                out.append(KernelConfig("gemv_asm", block_n=bn, block_k=128, split_k=sk, num_warps=nw, num_stages=3))
+        for sk in (2, 4):
+            out.append(KernelConfig("gemv_asm", block_n=128, block_k=128, split_k=sk, num_stages=2))
+            out.append(KernelConfig("gemv_asm", block_n=128, block_k=128, split_k=sk, num_stages=4))
     if m <= 16:
         for bn in (64, 128):
             for sk in (1, 2, 4, 8):
@@ -167,6 +173,7 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--tuning-out", help="with --sweep: write the best configs (choose_config's table) here")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--replays", type=int, default=7)
+    p.add_argument("--kinds", default=None, help="with --sweep: only these kernel kinds, e.g. gemv_asm,gemv_words")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
@@ -177,7 +184,9 @@ def run(args: list[str]) -> dict[str, Any]:
     bits_list = [int(v) for v in a.bits.split(",")]
     sweep_shapes = {tuple(int(v) for v in s.split("x")) for s in a.sweep_shapes.split(",")} if a.sweep else set()
     g = a.group_size
-    plan = {(k, n, m, b): (sweep_configs(m, n, k, b) if (k, n) in sweep_shapes else [choose_config(m, n, k, b)])
+    kinds = set(a.kinds.split(",")) if a.kinds else None
+    plan = {(k, n, m, b): ([c for c in sweep_configs(m, n, k, b) if kinds is None or c.kind in kinds]
+                           if (k, n) in sweep_shapes else [choose_config(m, n, k, b)])
             for (k, n) in shapes for m in ms for b in bits_list}
     if a.jobs > 1:
         _precompile([(k, n, m, b, g, c) for (k, n, m, b), cfgs in plan.items() for c in cfgs], a.jobs)

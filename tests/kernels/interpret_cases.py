@@ -24,6 +24,7 @@ CASES = [
         (40, 96, 32, 2, "gemv_words", 1, "float16", True),
         (33, 256, 128, 1, "gemv_words", 2, "bfloat16", False),
         (24, 100, 100, 1, "gemv_words", 1, "float16", False),
+        (40, 96, 32, 1, "gemv_asm", 2, "float16", True),
     ]
 ]
 

@@ -50,7 +50,7 @@ def test_cuda_graph_replay_equals_eager():
     assert not torch.equal(y, eager)
 
 
-@pytest.mark.parametrize("kind", ["gemv", "gemv_words"])
+@pytest.mark.parametrize("kind", ["gemv", "gemv_words", "gemv_asm"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("split", [1, 4])
 def test_gemv_kernels_match_reference(kind, bits, split):
@@ -59,5 +59,6 @@ def test_gemv_kernels_match_reference(kind, bits, split):
     q, s, z = random_qsz(1000, 4096, 128, bits, seed=bits, device="cuda")
     w = pack(q, s, z, bits, 128)
     x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    y = packed_matmul(x, w, config=KernelConfig(kind, block_n=64, block_k=128, split_k=split, num_stages=3))
-    assert rel_err(y, matmul_reference(x, w)) < TOL[torch.float16]
+    bias = torch.randn(1000, device="cuda", dtype=torch.float16)
+    y = packed_matmul(x, w, bias, config=KernelConfig(kind, block_n=128, block_k=128, split_k=split, num_stages=3))
+    assert rel_err(y, matmul_reference(x, w, bias)) < TOL[torch.float16]
