@@ -105,8 +105,31 @@ def roofline_agreement(trials: Sequence[FrozenTrial]) -> dict[str, float] | None
     abs_errors = sorted(abs(e) for e in errors)
     mid = len(abs_errors) // 2
     median = abs_errors[mid] if len(abs_errors) % 2 else 0.5 * (abs_errors[mid - 1] + abs_errors[mid])
-    return {"trials": len(pairs), "median_abs_error": median, "min_error": errors[0], "max_error": errors[-1],
-            "spearman": _spearman([r for r, _ in pairs], measured)}
+    out = {"trials": len(pairs), "median_abs_error": median, "min_error": errors[0], "max_error": errors[-1],
+           "spearman": _spearman([r for r, _ in pairs], measured)}
+    if len(pairs) >= 3:
+        out.update(_affine_calibration([r for r, _ in pairs], measured))
+    return out
+
+
+def _affine_calibration(roofline: Sequence[float], measured: Sequence[float]) -> dict[str, float]:
+    """Least-squares ``measured ~ offset + slope * roofline`` over the study's trials: the roofline
+    calibrated to this device and deployment (the offset absorbs what the model leaves out, e.g.
+    kernel launches on small models). Returns the fit, its R^2 and the median absolute relative
+    error of the calibrated roofline (in-sample)."""
+    n = len(roofline)
+    mr, mm = sum(roofline) / n, sum(measured) / n
+    srr = sum((r - mr) ** 2 for r in roofline)
+    slope = sum((r - mr) * (m - mm) for r, m in zip(roofline, measured)) / srr if srr else 0.0
+    offset = mm - slope * mr
+    fitted = [offset + slope * r for r in roofline]
+    ss_res = sum((m - f) ** 2 for m, f in zip(measured, fitted))
+    ss_tot = sum((m - mm) ** 2 for m in measured)
+    errs = sorted(abs(f - m) / m for f, m in zip(fitted, measured))
+    mid = n // 2
+    median = errs[mid] if n % 2 else 0.5 * (errs[mid - 1] + errs[mid])
+    return {"calibrated_offset_ms": offset, "calibrated_slope": slope,
+            "calibrated_r2": 1.0 - ss_res / ss_tot if ss_tot else float("nan"), "calibrated_median_abs_error": median}
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -255,6 +278,11 @@ def write_report(study: optuna.Study, out: Path, storage_url: str | None = None)
                   f"{100 * agreement['median_abs_error']:.1f}% (from {100 * agreement['min_error']:+.1f}% to "
                   f"{100 * agreement['max_error']:+.1f}%; + means the roofline is slower than measured)",
                   f"- rank agreement (Spearman) between roofline and measured latency: {agreement['spearman']:.2f}"]
+        if "calibrated_slope" in agreement:
+            lines.append(f"- calibrated on these trials, measured ~ {agreement['calibrated_offset_ms']:.4g} ms + "
+                         f"{agreement['calibrated_slope']:.3g} x roofline: median error "
+                         f"{100 * agreement['calibrated_median_abs_error']:.1f}%, R^2 {agreement['calibrated_r2']:.2f} "
+                         "(R^2 near 0: the roofline does not explain the measured differences between trials)")
     failed = [t for t in trials if t.state == TrialState.FAIL]
     if failed:
         lines += ["", "## Failed trials", ""]

@@ -38,3 +38,14 @@ def test_no_section_without_measurements(tmp_path):
     assert roofline_agreement(study.trials) is None
     write_report(study, tmp_path)
     assert "Roofline against measured" not in (tmp_path / "report.md").read_text()
+
+
+def test_affine_calibration_recovers_an_offset_and_slope():
+    roofline = [1.0, 2.0, 3.0, 4.0, 5.0]
+    measured = [0.5 + 2.0 * r for r in roofline]  # e.g. a fixed launch cost plus a bandwidth shortfall
+    result = roofline_agreement(_study(measured, roofline).trials)
+    assert result["calibrated_offset_ms"] == pytest.approx(0.5)
+    assert result["calibrated_slope"] == pytest.approx(2.0)
+    assert result["calibrated_r2"] == pytest.approx(1.0)
+    assert result["calibrated_median_abs_error"] == pytest.approx(0.0, abs=1e-12)
+    assert result["median_abs_error"] > 0.5  # the uncalibrated roofline is far off
