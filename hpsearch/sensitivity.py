@@ -316,7 +316,7 @@ def _method_quantizer(config: Any, space: SearchSpace, ctx: Any) -> Quantizer:
     def quantize(name: str, w: torch.Tensor, layer: LayerPlan, group_size: int) -> tuple[torch.Tensor, bool]:
         if layer.method not in stage.methods:
             return _rtn(name, w, layer, group_size)
-        qw, _ = stage._quantize(stage.methods[layer.method], name, w, layer, group_size, ctx, cache)
+        qw, _ = stage.quantize_layer(stage.methods[layer.method], name, w, layer, group_size, ctx, cache)
         return qw.dequantize(torch.float32), qw.in_scale is not None
 
     return quantize

@@ -99,7 +99,7 @@ class Quantize(Stage):
             weight = module.weight.data
             group_size = layer.effective_group_size(weight.shape[1])
             start = time.perf_counter()
-            qw, hit = self._quantize(method, name, weight, layer, group_size, ctx, cache)
+            qw, hit = self.quantize_layer(method, name, weight, layer, group_size, ctx, cache)
             cached[layer.method] = cached.get(layer.method, 0) + int(hit)
             if name in masks:  # pruned weights stay exactly zero: their code is the group's zero point
                 qw = dataclasses.replace(qw, q=mask_codes(qw.q, qw.zero, qw.group_size, masks[name]))
@@ -115,9 +115,11 @@ class Quantize(Stage):
                 "seconds_by_method": {k: round(v, 4) for k, v in seconds.items()}}
 
     @staticmethod
-    def _quantize(method: WeightQuantizer, name: str, weight: torch.Tensor, layer: LayerPlan, group_size: int,
-                  ctx: StageContext, cache) -> tuple[QuantizedWeight, bool]:
-        """The layer's quantized weight, from the cache when an earlier trial made this choice."""
+    def quantize_layer(method: WeightQuantizer, name: str, weight: torch.Tensor, layer: LayerPlan, group_size: int,
+                       ctx: StageContext, cache) -> tuple[QuantizedWeight, bool]:
+        """The layer's quantized weight (and whether it came from the cache, where an earlier trial
+        or the sensitivity seeds made this choice). Shared with :mod:`hpsearch.sensitivity` so that
+        seeds and trials fill and read one cache."""
         if cache is None or not method.requires():
             return method.quantize(name, weight, layer, group_size, ctx), False
         from hpsearch.calib import digest, tensor_fingerprint
