@@ -72,9 +72,17 @@ def _tuned_table() -> dict[str, dict]:
     return H100
 
 
-def _fit_block_k(block_k: int, k_pad: int, group_size: int, per_channel: bool) -> int | None:
-    """Tile length: the largest power of two <= block_k dividing k_pad (per channel) or the group."""
+def _fit_block_k(block_k: int, k_pad: int, group_size: int, per_channel: bool,
+                 multi_group: bool = False) -> int | None:
+    """Tile length: the largest power of two <= block_k dividing k_pad (per channel) or the group;
+    with ``multi_group`` (kernels that take one scale per word) a whole number of power-of-two
+    groups of at least 32 codes may share a tile."""
     bk = 1 << (max(block_k, 32).bit_length() - 1)
+    if multi_group and not per_channel and group_size >= 32 and group_size & (group_size - 1) == 0:
+        while bk > group_size:
+            if k_pad % bk == 0:
+                return bk
+            bk //= 2
     limit = k_pad if per_channel else group_size
     while bk >= 32:
         if limit % bk == 0 and k_pad % bk == 0:
@@ -114,7 +122,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     k_pad = padded(k, K_MULTIPLE)
     cfg = config or choose_config(m, n, k_pad, bits)
     per_channel = group_size >= in_features
-    bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel)
+    bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel, multi_group=cfg.kind in ("gemv_words", "gemv_asm"))
     if bk is None:
         return None
     kern = _kernels()
@@ -136,8 +144,9 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         if cfg.kind == "gemv":
             kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
         else:  # gemv_asm: inline PTX, CUDA only (the interpreter takes the Triton body)
+            groups_per_tile = bk // group_size if not per_channel and bk > group_size else 1
             kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=cfg.kind == "gemv_asm" and x2.is_cuda,
-                                         **common)
+                                         GT=groups_per_tile, **common)
     elif cfg.kind == "dot":
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split_k)
         upcast = x2.device.type == "cpu" and x2.dtype != torch.float16  # interpreter: see dot_kernel

@@ -338,17 +338,37 @@ def _word_sums(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl.constexpr, GT: tl.constexpr):
+    """Scales and zeros (float32 [BLOCK_N, GT]) of the ``GT`` groups from code ``k0`` on; groups past
+    the row's last get scale 0 (they meet zero-padded activations anyway)."""
+    grp = k0 // GROUP + tl.arange(0, GT)
+    valid = grp < G
+    grp = tl.minimum(grp, G - 1)
+    s = tl.load(s_ptr + rows[:, None] * G + grp[None, :]).to(tl.float32)
+    z = _zero(qz_ptr, rows[:, None], grp[None, :], G_PAD, BITS)
+    return tl.where(valid[None, :], s, 0.0), z
+
+
+@triton.jit
+def _per_word(t, BLOCK_N: tl.constexpr, GT: tl.constexpr, WPG: tl.constexpr):
+    """``t`` [BLOCK_N, GT] repeated for the ``WPG`` words of each group: [BLOCK_N, GT * WPG]."""
+    return tl.reshape(tl.broadcast_to(t[:, :, None], (BLOCK_N, GT, WPG)), (BLOCK_N, GT * WPG))
+
+
+@triton.jit
 def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                       N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                       BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
                       BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                      ASM: tl.constexpr = False):
+                      ASM: tl.constexpr = False, GT: tl.constexpr = 1):
     """Same contract and grid as :func:`gemv_kernel`; see the section comment for how it differs.
     ``ASM`` (CUDA only: inline PTX does not run in the interpreter) takes the per-word sums of 2-,
     4- and 8-bit planes from :func:`_word_sums_asm`.
 
-    Per tile (inside one group): ``acc[n, w] += s_n * (sum_{c in w} q_c x_c - z_n * sum_{c in w} x_c)``
-    for every word ``w``, as two FMAs per word; ``y_n = sum_w acc[n, w]`` at the end.
+    Per tile: ``acc[n, w] += s_nw * (sum_{c in w} q_c x_c - z_nw * sum_{c in w} x_c)`` for every word
+    ``w`` (``s_nw``, ``z_nw``: the scale and zero of the word's group), two FMAs per word;
+    ``y_n = sum_w acc[n, w]`` at the end. A tile spans ``GT`` groups (``BK = GT * GROUP``): longer
+    contiguous runs of each row per load than one group gives.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -373,15 +393,29 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
         else:
             xk = tl.load(x_row + rk).to(tl.float32)
-        s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+        if GT == 1:
+            s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+            s_lo = s[:, None]
+            sz_lo = (s * z)[:, None]
+            s_hi = s_lo
+        else:
+            st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
+            if BITS == 3:
+                s_lo = _per_word(st, BLOCK_N, GT, BK // 16 // GT)
+                sz_lo = _per_word(st * zt, BLOCK_N, GT, BK // 16 // GT)
+                s_hi = _per_word(st, BLOCK_N, GT, BK // 32 // GT)
+            else:
+                s_lo = _per_word(st, BLOCK_N, GT, BK * BITS // 32 // GT)
+                sz_lo = _per_word(st * zt, BLOCK_N, GT, BK * BITS // 32 // GT)
+                s_hi = s_lo
         if BITS == 3:
             xw = tl.sum(tl.reshape(xk, (BK // 16, 16)), axis=1)
             if ASM:
                 lo_sums = _word_sums_asm(lo_ptrs, xk, 2, BLOCK_N, BK)
             else:
                 lo_sums = _word_sums(lo_ptrs, xk, 2, BLOCK_N, BK)
-            acc += s[:, None] * lo_sums - (s * z)[:, None] * xw[None, :]
-            acc_hi += (4.0 * s)[:, None] * _word_sums(hi_ptrs, xk, 1, BLOCK_N, BK)
+            acc += s_lo * lo_sums - sz_lo * xw[None, :]
+            acc_hi += (4.0 * s_hi) * _word_sums(hi_ptrs, xk, 1, BLOCK_N, BK)
             lo_ptrs += BK // 16 * SPLIT_K
             hi_ptrs += BK // 32 * SPLIT_K
         else:
@@ -390,7 +424,7 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                 sums = _word_sums_asm(lo_ptrs, xk, BITS, BLOCK_N, BK)
             else:
                 sums = _word_sums(lo_ptrs, xk, BITS, BLOCK_N, BK)
-            acc += s[:, None] * sums - (s * z)[:, None] * xw[None, :]
+            acc += s_lo * sums - sz_lo * xw[None, :]
             lo_ptrs += BK * BITS // 32 * SPLIT_K
     out = tl.sum(acc, axis=1)
     if BITS == 3:

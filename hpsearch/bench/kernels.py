@@ -57,6 +57,11 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
         for sk in (2, 4):
             out.append(KernelConfig("gemv_asm", block_n=128, block_k=128, split_k=sk, num_stages=2))
             out.append(KernelConfig("gemv_asm", block_n=128, block_k=128, split_k=sk, num_stages=4))
+        # tiles of several groups: longer contiguous runs of each row per load
+        for bk, bn, nw in ((256, 64, 4), (256, 128, 8), (512, 32, 4), (512, 64, 4), (512, 64, 8), (1024, 32, 4),
+                           (1024, 16, 4)):
+            for sk in (1, 2, 4, 8):
+                out.append(KernelConfig("gemv_asm", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3))
     if m <= 16:
         for bn in (64, 128):
             for sk in (1, 2, 4, 8):

@@ -25,6 +25,8 @@ CASES = [
         (33, 256, 128, 1, "gemv_words", 2, "bfloat16", False),
         (24, 100, 100, 1, "gemv_words", 1, "float16", False),
         (40, 96, 32, 1, "gemv_asm", 2, "float16", True),
+        (40, 96, 32, 1, "gemv_words-bk128", 1, "float16", False),
+        (33, 256, 64, 2, "gemv_words-bk256", 2, "bfloat16", True),
     ]
 ]
 
@@ -50,7 +52,8 @@ def main() -> None:
             w = pack(q, s, z, bits, g)
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(7)).to(getattr(torch, dt))
             bias = torch.randn(n).to(x.dtype) if with_bias else None
-            cfg = KernelConfig(kind, block_n=32, block_k=128, block_m=16, split_k=split)
+            kind, _, bk = kind.partition("-bk")  # "-bkN": a tile of N codes (several groups)
+            cfg = KernelConfig(kind, block_n=32, block_k=int(bk or 128), block_m=16, split_k=split)
             y = packed_matmul(x, w, bias, config=cfg)
             assert y.dtype == x.dtype and y.shape == (m, n)
             out[cid] = rel_err(y, matmul_reference(x, w, bias))

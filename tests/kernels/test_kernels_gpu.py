@@ -62,3 +62,15 @@ def test_gemv_kernels_match_reference(kind, bits, split):
     bias = torch.randn(1000, device="cuda", dtype=torch.float16)
     y = packed_matmul(x, w, bias, config=KernelConfig(kind, block_n=128, block_k=128, split_k=split, num_stages=3))
     assert rel_err(y, matmul_reference(x, w, bias)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("block_k,group", [(512, 128), (256, 64), (1024, 128)])
+def test_gemv_tiles_of_several_groups(bits, block_k, group):
+    from hpsearch.kernels import KernelConfig
+
+    q, s, z = random_qsz(1000, 4096, group, bits, seed=bits + block_k, device="cuda")
+    w = pack(q, s, z, bits, group)
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    cfg = KernelConfig("gemv_asm", block_n=64, block_k=block_k, split_k=2, num_stages=3)
+    assert rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w)) < TOL[torch.float16]
