@@ -1,7 +1,7 @@
 """Tile sizes measured best on an H100 80GB HBM3 (torch 2.11, triton 3.6), group size 128.
 
 Written from ``python -m hpsearch.bench kernels --sweep --tuning-out tuned.json`` (2026-11-22):
-one-row entries: the faster of runs 4 and 5, 16-row entries: run 4 (``kernels/NOTES.md``); keyed
+one-row entries: the fastest of runs 4-6, 16-row entries: run 4 (``kernels/NOTES.md``); keyed
 ``"{M bucket}:{K}x{N}:{bits}"`` (bucket 1: one row; 16: two to sixteen rows). Shapes not listed
 fall back to the rule in :func:`._launch.choose_config`.
 """
@@ -51,9 +51,9 @@ H100: dict[str, dict] = {
         "num_warps": 4, "num_stages": 3},
     "1:4096x11008:3": {"kind": "gemv", "block_n": 128, "block_k": 128, "block_m": 1, "split_k": 4,
         "num_warps": 4, "num_stages": 3},
-    "1:4096x11008:4": {"kind": "gemv_asm", "block_n": 256, "block_k": 128, "block_m": 1, "split_k": 8,
+    "1:4096x11008:4": {"kind": "gemv_asm", "block_n": 16, "block_k": 1024, "block_m": 1, "split_k": 1,
         "num_warps": 4, "num_stages": 3},
-    "1:4096x11008:8": {"kind": "gemv_words", "block_n": 32, "block_k": 128, "block_m": 1, "split_k": 2,
+    "1:4096x11008:8": {"kind": "gemv_asm", "block_n": 32, "block_k": 512, "block_m": 1, "split_k": 1,
         "num_warps": 4, "num_stages": 3},
     "1:4096x4096:2": {"kind": "gemv_asm", "block_n": 256, "block_k": 128, "block_m": 1, "split_k": 8,
         "num_warps": 4, "num_stages": 3},
@@ -67,8 +67,8 @@ H100: dict[str, dict] = {
         "num_warps": 4, "num_stages": 3},
     "1:8192x28672:3": {"kind": "gemv", "block_n": 128, "block_k": 128, "block_m": 1, "split_k": 4,
         "num_warps": 4, "num_stages": 3},
-    "1:8192x28672:4": {"kind": "gemv_asm", "block_n": 256, "block_k": 128, "block_m": 1, "split_k": 2,
-        "num_warps": 8, "num_stages": 3},
+    "1:8192x28672:4": {"kind": "gemv_asm", "block_n": 16, "block_k": 1024, "block_m": 1, "split_k": 1,
+        "num_warps": 4, "num_stages": 3},
     "1:8192x28672:8": {"kind": "gemv_words", "block_n": 32, "block_k": 128, "block_m": 1, "split_k": 1,
         "num_warps": 4, "num_stages": 3},
 }
