@@ -49,13 +49,20 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     tuned = _tuned_table().get(f"{bucket}:{k}x{n}:{bits}") if bucket else None
     if tuned is not None:
         return KernelConfig(**tuned)
+    if m == 1:
+        # Run 6 (kernels/NOTES.md): long runs of each row per load win; 16 rows x 1024 codes was best
+        # on both tuned 4-bit shapes. Split K only when there are too few row tiles to fill the GPU.
+        tiles = max(1, -(-n // 16))
+        split = 1
+        while split < 8 and tiles * split < 264 and k // (1024 * split * 2) >= 1:
+            split *= 2
+        return KernelConfig("gemv_asm", block_n=16, block_k=1024, split_k=split, num_stages=3)
     if m <= 16:
-        kind, bn, bm, stages = ("gemv", 64, 1, 3) if m == 1 else ("dot", 64, 16, 3)
-        tiles = max(1, -(-n // bn))
+        tiles = max(1, -(-n // 64))
         split = 1
         while split < 8 and tiles * split < 528 and k // (128 * split * 2) >= 4:
             split *= 2
-        return KernelConfig(kind, block_n=bn, block_k=128, block_m=bm, split_k=split, num_stages=stages)
+        return KernelConfig("dot", block_n=64, block_k=128, block_m=16, split_k=split, num_stages=3)
     if m <= 64:
         return KernelConfig("dot", block_n=128, block_k=128, block_m=64, num_warps=4, num_stages=3)
     return KernelConfig("dot", block_n=128, block_k=64, block_m=128, num_warps=8, num_stages=3)

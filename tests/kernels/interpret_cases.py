@@ -63,6 +63,8 @@ def main() -> None:
     layer = PackedLinear.from_quantized(*random_qsz(16, 64, 32, 4), 4, 32)
     x = torch.randn(2, 64).half()
     out["packed_linear_op"] = rel_err(layer(x), matmul_reference(x, layer.packed))
+    x1 = torch.randn(1, 64).half()  # one row: the default rule's multi-group GEMV
+    out["packed_linear_op_m1"] = rel_err(layer(x1), matmul_reference(x1, layer.packed))
     json.dump(out, sys.stdout)
 
 

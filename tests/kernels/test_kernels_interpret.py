@@ -28,7 +28,7 @@ def results():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op"])
+@pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1"])
 def test_interpreted_kernel_matches_reference(results, cid):
     err = results[cid]
     assert isinstance(err, float), err
