@@ -133,7 +133,9 @@ def _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl
     if GROUP == 0:
         grp = 0
     else:
-        grp = k0 // GROUP
+        # A tile of the zero padding past K (K_PAD > K) may lie past the last group: read the last
+        # group's scale (finite; it meets zero activations) rather than past the end of the tensor.
+        grp = tl.minimum(k0 // GROUP, G - 1)
     s = tl.load(s_ptr + rows * G + grp).to(tl.float32)
     return s, _zero(qz_ptr, rows, grp, G_PAD, BITS)
 

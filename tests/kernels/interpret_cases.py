@@ -63,6 +63,17 @@ def main() -> None:
     layer = PackedLinear.from_quantized(*random_qsz(16, 64, 32, 4), 4, 32)
     x = torch.randn(2, 64).half()
     out["packed_linear_op"] = rel_err(layer(x), matmul_reference(x, layer.packed))
+    # K = 96 pads to 128: the last tile of a group-32 row lies past the row's 3 groups. Scales are
+    # a view of a longer buffer whose tail is NaN, so a read past the row's last group shows.
+    q, s, z = random_qsz(8, 96, 32, 4, seed=3)
+    storage = torch.full((s.numel() + 64,), float("nan"), dtype=torch.float16)
+    storage[: s.numel()] = s.flatten()
+    w = pack(q, s, z, 4, 32)
+    w = type(w)(w.qweight, storage[: s.numel()].view(8, 3), w.qzeros, 4, 32, 96)
+    for kind, m in (("gemv", 1), ("gemv_words", 1), ("dot", 3)):
+        x = torch.randn(m, 96).half()
+        cfg = KernelConfig(kind, block_n=32, block_k=128, block_m=16)
+        out[f"scale_tail_{kind}"] = rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w))
     x1 = torch.randn(1, 64).half()  # one row: the default rule's multi-group GEMV
     out["packed_linear_op_m1"] = rel_err(layer(x1), matmul_reference(x1, layer.packed))
     json.dump(out, sys.stdout)

@@ -28,7 +28,8 @@ def results():
     return json.loads(proc.stdout)
 
 
-@pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1"])
+@pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1", "scale_tail_gemv",
+                                                               "scale_tail_gemv_words", "scale_tail_dot"])
 def test_interpreted_kernel_matches_reference(results, cid):
     err = results[cid]
     assert isinstance(err, float), err
