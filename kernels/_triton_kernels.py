@@ -149,6 +149,43 @@ def _plane_sum(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
+def _gemv_plane_ptrs(qw_ptr, row_words, pid_k, K_PAD, BITS: tl.constexpr, BK: tl.constexpr):
+    """Word pointers of a GEMV program's first tile: the low plane and the high one (3 bits; else
+    the low plane again)."""
+    if BITS == 3:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
+        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
+    else:
+        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
+        hi_ptrs = lo_ptrs
+    return lo_ptrs, hi_ptrs
+
+
+@triton.jit
+def _x_tile(x_row, k0, K, BK: tl.constexpr, MASK_K: tl.constexpr):
+    """Activations ``[k0, k0 + BK)`` of one row in float32 (zeros past ``K``)."""
+    rk = k0 + tl.arange(0, BK)
+    if MASK_K:
+        return tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
+    else:
+        return tl.load(x_row + rk).to(tl.float32)
+
+
+@triton.jit
+def _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS: tl.constexpr,
+                SPLIT_K: tl.constexpr):
+    """Add the bias (once, by the first K split) and store, or add atomically when K is split."""
+    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
+        if pid_k == 0:
+            out += tl.load(b_ptr + rows).to(tl.float32)
+    y = y_ptr + pid_m * stride_ym + rn
+    if SPLIT_K == 1:
+        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+    else:
+        tl.atomic_add(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+@triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                 N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                 BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
@@ -163,21 +200,11 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
-    row_words = rows * (K_PAD * BITS // 32)
     x_row = x_ptr + pid_m * stride_xm
-    if BITS == 3:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
-        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
-    else:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
-        hi_ptrs = lo_ptrs
+    lo_ptrs, hi_ptrs = _gemv_plane_ptrs(qw_ptr, rows * (K_PAD * BITS // 32), pid_k, K_PAD, BITS, BK)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
-        rk = k0 + tl.arange(0, BK)
-        if MASK_K:
-            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-        else:
-            xk = tl.load(x_row + rk).to(tl.float32)
+        xk = _x_tile(x_row, k0, K, BK, MASK_K)
         xsum = tl.sum(xk, axis=0)
         if BITS == 3:
             a = 4.0 * (_plane_sum(lo_ptrs, xk, 2, BLOCK_N, BK) - xsum)
@@ -189,14 +216,7 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             lo_ptrs += BK * BITS // 32 * SPLIT_K
         s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
         acc += s * (a - z * xsum)
-    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rows).to(tl.float32)
-    y = y_ptr + pid_m * stride_ym + rn
-    if SPLIT_K == 1:
-        tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:
-        tl.atomic_add(y, acc.to(y_ptr.dtype.element_ty), mask=rn < N)
+    _gemv_store(acc, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -377,24 +397,16 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
-    row_words = rows * (K_PAD * BITS // 32)
     x_row = x_ptr + pid_m * stride_xm
+    lo_ptrs, hi_ptrs = _gemv_plane_ptrs(qw_ptr, rows * (K_PAD * BITS // 32), pid_k, K_PAD, BITS, BK)
     if BITS == 3:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
-        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
         acc = tl.zeros([BLOCK_N, BK // 16], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
     else:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
-        hi_ptrs = lo_ptrs
         acc = tl.zeros([BLOCK_N, BK * BITS // 32], dtype=tl.float32)
         acc_hi = acc
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
-        rk = k0 + tl.arange(0, BK)
-        if MASK_K:
-            xk = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32)
-        else:
-            xk = tl.load(x_row + rk).to(tl.float32)
+        xk = _x_tile(x_row, k0, K, BK, MASK_K)
         if GT == 1:
             s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
             s_lo = s[:, None]
@@ -431,14 +443,7 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     out = tl.sum(acc, axis=1)
     if BITS == 3:
         out += tl.sum(acc_hi, axis=1)
-    if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
-        if pid_k == 0:
-            out += tl.load(b_ptr + rows).to(tl.float32)
-    y = y_ptr + pid_m * stride_ym + rn
-    if SPLIT_K == 1:
-        tl.store(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
-    else:
-        tl.atomic_add(y, out.to(y_ptr.dtype.element_ty), mask=rn < N)
+    _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 # --- The same GEMV with the per-half-word arithmetic in PTX (CUDA only) -----------------------
