@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,12 +101,10 @@ def roofline_agreement(trials: Sequence[FrozenTrial]) -> dict[str, float] | None
              and "latency_roofline_ms" in t.user_attrs]
     if not pairs:
         return None
-    errors = sorted(e for _, e in pairs)
+    errors = [e for _, e in pairs]
     measured = [r / (1.0 + e) for r, e in pairs]  # error = (roofline - measured) / measured
-    abs_errors = sorted(abs(e) for e in errors)
-    mid = len(abs_errors) // 2
-    median = abs_errors[mid] if len(abs_errors) % 2 else 0.5 * (abs_errors[mid - 1] + abs_errors[mid])
-    out = {"trials": len(pairs), "median_abs_error": median, "min_error": errors[0], "max_error": errors[-1],
+    out = {"trials": len(pairs), "median_abs_error": statistics.median(abs(e) for e in errors),
+           "min_error": min(errors), "max_error": max(errors),
            "spearman": _spearman([r for r, _ in pairs], measured)}
     if len(pairs) >= 3:
         out.update(_affine_calibration([r for r, _ in pairs], measured))
@@ -125,11 +124,9 @@ def _affine_calibration(roofline: Sequence[float], measured: Sequence[float]) ->
     fitted = [offset + slope * r for r in roofline]
     ss_res = sum((m - f) ** 2 for m, f in zip(measured, fitted))
     ss_tot = sum((m - mm) ** 2 for m in measured)
-    errs = sorted(abs(f - m) / m for f, m in zip(fitted, measured))
-    mid = n // 2
-    median = errs[mid] if n % 2 else 0.5 * (errs[mid - 1] + errs[mid])
     return {"calibrated_offset_ms": offset, "calibrated_slope": slope,
-            "calibrated_r2": 1.0 - ss_res / ss_tot if ss_tot else float("nan"), "calibrated_median_abs_error": median}
+            "calibrated_r2": 1.0 - ss_res / ss_tot if ss_tot else float("nan"),
+            "calibrated_median_abs_error": statistics.median(abs(f - m) / m for f, m in zip(fitted, measured))}
 
 
 def _spearman(a: Sequence[float], b: Sequence[float]) -> float:

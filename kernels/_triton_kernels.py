@@ -149,16 +149,25 @@ def _plane_sum(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
-def _gemv_plane_ptrs(qw_ptr, row_words, pid_k, K_PAD, BITS: tl.constexpr, BK: tl.constexpr):
-    """Word pointers of a GEMV program's first tile: the low plane and the high one (3 bits; else
-    the low plane again)."""
+def _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BK: tl.constexpr):
+    """What a GEMV program works on: its K split, its activation row, its weight rows (``rn``, and
+    ``rows`` clamped to ``N - 1``: rows past N recompute row N-1 and are not stored), that row's
+    pointer, and the word pointers of its first tile (low plane; high plane for 3 bits, else the
+    low plane again)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.minimum(rn, N - 1).to(tl.int64)
+    row_words = rows * (K_PAD * BITS // 32)
     if BITS == 3:
         lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
         hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
     else:
         lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
         hi_ptrs = lo_ptrs
-    return lo_ptrs, hi_ptrs
+    return pid_k, pid_m, rn, rows, x_ptr + pid_m * stride_xm, lo_ptrs, hi_ptrs
 
 
 @triton.jit
@@ -195,13 +204,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     The K loop is software-pipelined ``NUM_STAGES`` deep (the word loads of later tiles are in
     flight, as asynchronous copies to shared memory, while a tile is unpacked).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
-    x_row = x_ptr + pid_m * stride_xm
-    lo_ptrs, hi_ptrs = _gemv_plane_ptrs(qw_ptr, rows * (K_PAD * BITS // 32), pid_k, K_PAD, BITS, BK)
+    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
+                                                                    BLOCK_N, BK)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
         xk = _x_tile(x_row, k0, K, BK, MASK_K)
@@ -392,13 +396,8 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     ``y_n = sum_w acc[n, w]`` at the end. A tile spans ``GT`` groups (``BK = GT * GROUP``): longer
     contiguous runs of each row per load than one group gives.
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(rn, N - 1).to(tl.int64)  # rows past N recompute row N-1 and are not stored
-    x_row = x_ptr + pid_m * stride_xm
-    lo_ptrs, hi_ptrs = _gemv_plane_ptrs(qw_ptr, rows * (K_PAD * BITS // 32), pid_k, K_PAD, BITS, BK)
+    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
+                                                                    BLOCK_N, BK)
     if BITS == 3:
         acc = tl.zeros([BLOCK_N, BK // 16], dtype=tl.float32)
         acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
