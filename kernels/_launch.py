@@ -9,6 +9,7 @@ elsewhere it runs :func:`~hpsearch.kernels.matmul_reference`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -24,9 +25,11 @@ __all__ = ["KernelConfig", "choose_config", "packed_matmul", "triton_enabled"]
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tile sizes of one launch. ``kind`` is ``"gemv"``, ``"gemv_words"`` or ``"gemv_asm"`` (one
-    activation row per program; the last two turn fields into floats in place, the third with
-    inline PTX, see ``_triton_kernels``) or ``"dot"`` (tensor cores, several rows)."""
+    """Tile sizes of one launch. ``kind`` is ``"gemv"``, ``"gemv_words"``, ``"gemv_asm"`` or
+    ``"gemv_h2"`` (one activation row per program; the last three turn fields into floats in
+    place, ``gemv_asm`` with inline PTX, ``gemv_h2`` two codes per float16-pair instruction, see
+    ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take) or
+    ``"dot"`` (tensor cores, several rows)."""
 
     kind: str
     block_n: int
@@ -52,11 +55,13 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     if m == 1:
         # Run 6 (kernels/NOTES.md): long runs of each row per load win; 16 rows x 1024 codes was best
         # on both tuned 4-bit shapes. Split K only when there are too few row tiles to fill the GPU.
+        # 2-4 bits take the float16-pair kernel (it falls back to gemv_asm for other activations).
         tiles = max(1, -(-n // 16))
         split = 1
         while split < 8 and tiles * split < 264 and k // (1024 * split * 2) >= 1:
             split *= 2
-        return KernelConfig("gemv_asm", block_n=16, block_k=1024, split_k=split, num_stages=3)
+        kind = "gemv_h2" if bits <= 4 else "gemv_asm"
+        return KernelConfig(kind, block_n=16, block_k=1024, split_k=split, num_stages=3)
     if m <= 16:
         tiles = max(1, -(-n // 64))
         split = 1
@@ -129,7 +134,10 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     k_pad = padded(k, K_MULTIPLE)
     cfg = config or choose_config(m, n, k_pad, bits)
     per_channel = group_size >= in_features
-    bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel, multi_group=cfg.kind in ("gemv_words", "gemv_asm"))
+    if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
+        cfg = dataclasses.replace(cfg, kind="gemv_asm")
+    bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
+                      multi_group=cfg.kind in ("gemv_words", "gemv_asm", "gemv_h2", "dot"))
     if bk is None:
         return None
     kern = _kernels()
@@ -145,24 +153,32 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
               "GROUP": 0 if per_channel else group_size, "HAS_BIAS": bias is not None,
               "MASK_K": k != k_pad, "BLOCK_N": cfg.block_n, "BK": bk, "SPLIT_K": split_k,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if cfg.kind in ("gemv", "gemv_words", "gemv_asm"):
+    groups_per_tile = bk // group_size if not per_channel and bk > group_size else 1
+    if cfg.kind in ("gemv", "gemv_words", "gemv_asm", "gemv_h2"):
         grid = (triton_cdiv(n, cfg.block_n), split_k, m)
         common["NUM_STAGES"] = common.pop("num_stages")
         if cfg.kind == "gemv":
             kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
-        else:  # gemv_asm: inline PTX, CUDA only (the interpreter takes the Triton body)
-            groups_per_tile = bk // group_size if not per_channel and bk > group_size else 1
-            kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=cfg.kind == "gemv_asm" and x2.is_cuda,
-                                         GT=groups_per_tile, **common)
+        else:  # inline PTX runs on CUDA only (the interpreter takes the Triton body)
+            kernel = kern.gemv_h2_kernel if cfg.kind == "gemv_h2" else kern.gemv_words_kernel
+            kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=cfg.kind != "gemv_words" and x2.is_cuda,
+                         GT=groups_per_tile, **common)
     elif cfg.kind == "dot":
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split_k)
         upcast = x2.device.type == "cpu" and x2.dtype != torch.float16  # interpreter: see dot_kernel
         f16x2 = x2.is_cuda and x2.dtype == torch.float16
         kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
-                              F16X2=f16x2, **common)
+                              F16X2=f16x2, GT=groups_per_tile, **common)
     else:
-        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm' or 'dot', got {cfg.kind!r}")
+        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2' or 'dot', got {cfg.kind!r}")
     return y.to(x2.dtype)
+
+
+def _pairs_readable(x2: torch.Tensor, bits: int) -> bool:
+    """Whether ``gemv_h2`` takes this product: float16 activations read as int32 pairs (even row
+    length and stride, 4-byte aligned) and codes of at most 4 bits."""
+    return (x2.dtype == torch.float16 and bits in (2, 3, 4) and x2.shape[1] % 2 == 0 and x2.stride(0) % 2 == 0
+            and x2.data_ptr() % 4 == 0)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["dot_kernel", "gemv_kernel", "gemv_words_kernel"]
+__all__ = ["dot_kernel", "gemv_h2_kernel", "gemv_kernel", "gemv_words_kernel"]
 
 
 @triton.jit
@@ -82,13 +82,15 @@ def _pairs(words, zz2, s2, OFF: tl.constexpr, STRIDE: tl.constexpr, LEVELS: tl.c
 
 
 @triton.jit
-def _dequant_f16x2(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
-    """``(f - zoff) * s`` of one plane's fields in float16, two codes per instruction: [BLOCK_N, BK]."""
+def _dequant_f16x2(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr):
+    """``(f - zoff) * s`` of one plane's fields in float16, two codes per instruction: [BLOCK_N, BK].
+    ``zoff``, ``s``: [BLOCK_N, GT], per group of the tile."""
     words = tl.load(ptrs)
     zb = (zoff + 1024.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     sb = s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    zz2 = tl.broadcast_to((zb | (zb << 16))[:, None], words.shape)
-    s2 = tl.broadcast_to((sb | (sb << 16))[:, None], words.shape)
+    WPG: tl.constexpr = BK * WIDTH // 32 // GT
+    zz2 = _per_word(zb | (zb << 16), BLOCK_N, GT, WPG)
+    s2 = _per_word(sb | (sb << 16), BLOCK_N, GT, WPG)
     if WIDTH == 1:
         a, b = _pairs(words, zz2, s2, 0, 1, 4, WIDTH)
     elif WIDTH == 2:
@@ -225,11 +227,12 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
 
 @triton.jit
 def _dequant(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, dtype,
-             UPCAST: tl.constexpr):
-    """``(f - zoff) * s`` of one plane's fields, rounded to ``dtype``: [BLOCK_N, BK]."""
+             UPCAST: tl.constexpr, GT: tl.constexpr):
+    """``(f - zoff) * s`` of one plane's fields, rounded to ``dtype``: [BLOCK_N, BK]. ``zoff``,
+    ``s``: [BLOCK_N, GT], per group of the tile."""
     f = _plane_fields(ptrs, WIDTH, BLOCK_N, BK)
     f = (f | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + f
-    w = ((f - (zoff + 8388608.0)[:, None]) * s[:, None]).to(dtype)
+    w = ((f - _per_word(zoff + 8388608.0, BLOCK_N, GT, BK // GT)) * _per_word(s, BLOCK_N, GT, BK // GT)).to(dtype)
     if UPCAST:
         w = w.to(tl.float32)
     return w
@@ -240,12 +243,13 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                M, N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr,
-               UPCAST: tl.constexpr, F16X2: tl.constexpr):
+               UPCAST: tl.constexpr, F16X2: tl.constexpr, GT: tl.constexpr = 1):
     """Tile ``y[BLOCK_M, BLOCK_N]`` (grid axes 1 and 0) over a share of K (axis 2).
 
     ``UPCAST`` multiplies float32 copies of the (rounded) operands: the Triton interpreter's
     ``tl.dot`` mishandles bfloat16. ``F16X2`` (float16 activations on a GPU; inline PTX, so not in
-    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``).
+    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``). A tile spans ``GT``
+    groups (``BK = GT * GROUP``): longer contiguous runs of each weight row per load.
     """
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
@@ -272,23 +276,28 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         if UPCAST:
             xt = xt.to(tl.float32)
         x_ptrs += BK * SPLIT_K
-        s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+        if GT == 1:
+            s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+            s = s[:, None]
+            z = z[:, None]
+        else:
+            s, z = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
         if F16X2:
             if BITS == 3:
-                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, 2, BLOCK_N, BK), tl.trans(xt), acc)
-                acc = tl.dot(_dequant_f16x2(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK), tl.trans(xt), acc)
+                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, 2, BLOCK_N, BK, GT), tl.trans(xt), acc)
+                acc = tl.dot(_dequant_f16x2(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, GT), tl.trans(xt), acc)
                 lo_ptrs += BK // 16 * SPLIT_K
                 hi_ptrs += BK // 32 * SPLIT_K
             else:
-                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, BITS, BLOCK_N, BK), tl.trans(xt), acc)
+                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, BITS, BLOCK_N, BK, GT), tl.trans(xt), acc)
                 lo_ptrs += BK * BITS // 32 * SPLIT_K
         elif BITS == 3:
-            acc = tl.dot(_dequant(lo_ptrs, z, s, 2, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
-            acc = tl.dot(_dequant(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
+            acc = tl.dot(_dequant(lo_ptrs, z, s, 2, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
+            acc = tl.dot(_dequant(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
             lo_ptrs += BK // 16 * SPLIT_K
             hi_ptrs += BK // 32 * SPLIT_K
         else:
-            acc = tl.dot(_dequant(lo_ptrs, z, s, BITS, BLOCK_N, BK, dtype, UPCAST), tl.trans(xt), acc)
+            acc = tl.dot(_dequant(lo_ptrs, z, s, BITS, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
             lo_ptrs += BK * BITS // 32 * SPLIT_K
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_k == 0:
@@ -378,6 +387,8 @@ def _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BIT
 @triton.jit
 def _per_word(t, BLOCK_N: tl.constexpr, GT: tl.constexpr, WPG: tl.constexpr):
     """``t`` [BLOCK_N, GT] repeated for the ``WPG`` words of each group: [BLOCK_N, GT * WPG]."""
+    if GT == 1:  # a plain broadcast: no reshape for the compiler to lay out
+        return tl.broadcast_to(t, (BLOCK_N, WPG))
     return tl.reshape(tl.broadcast_to(t[:, :, None], (BLOCK_N, GT, WPG)), (BLOCK_N, GT * WPG))
 
 
@@ -542,3 +553,162 @@ def _word_sums_asm(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.
                               o4.reshape(1, NW), o5.reshape(1, NW), o6.reshape(1, NW), o7.reshape(1, NW)],
             dtype=tl.float32, is_pure=True, pack=1)
     return acc
+
+
+# --- GEMV in float16 pairs (CUDA cores, two codes per instruction) -----------------------------
+#
+# Why a third GEMV: with tiles of several groups the float32 kernels above are issue-bound again
+# (kernels/NOTES.md, run 6: 4.9 instructions per code, ~39 us of issue at 8192x28672 against a
+# ~43 us memory floor), and 2 and 3 bits cannot beat 4 bits there at all. Here two codes move
+# through every instruction: slot ``j`` (code ``2j``) and slot ``j + P/2`` (code ``2j + 1``) of a
+# word are 16 bits apart (see ``_format``), so one LOP3 ``(w & mask) | 0x64006400`` makes the
+# float16 pair ``1024 + f * 2^(width*i)``, one ``fma.f16x2`` by ``2^-(width*i)`` with addend
+# ``-(1024 * 2^-(width*i)) - z`` gives ``q - z`` for both codes exactly, and one ``fma.f16x2``
+# multiplies by the activation pair (activations are read as int32: ``x[2p], x[2p+1]`` is already
+# a float16 pair, in the codes' order) and adds. A word's pairs accumulate in float16 (4 products a
+# lane at 4 bits, 8 at 2, 16 for the 1-bit plane of 3 bits) and leave through float32, where the
+# group scale is applied. Codes are centred on the zero before they meet ``x`` so the float16
+# partial sums hold ``(q - z) x`` (no cancellation later). About 2.1 instructions per code at 4
+# bits against 4.9. Float16 activations only (bfloat16 pairs have no exact 1024 + f trick with this
+# mantissa) and 2, 3 and 4 bits (8-bit codes times ``x`` could overflow a float16 partial sum).
+
+
+@triton.jit
+def _h2_zero_pair(z, MAGIC: tl.constexpr):
+    """The float16 pair ``(-MAGIC - z, -MAGIC - z)`` as int32 (``z`` float32; both exact)."""
+    b = (-MAGIC - z).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return b | (b << 16)
+
+
+@triton.jit
+def _h2_half(v, HIGH: tl.constexpr):
+    """Half ``HIGH`` of int32 float16 pairs as float32 (interpreter path)."""
+    if HIGH:
+        b = (v >> 16) & 0xFFFF
+    else:
+        b = v & 0xFFFF
+    return b.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _h2_pair(src, xp, c, h, MASK: tl.constexpr, M_BITS: tl.constexpr, M_F: tl.constexpr, FIRST: tl.constexpr,
+             ASM: tl.constexpr):
+    """One pair of codes: ``h + ((src & MASK | 1024-magic) * m + c) * x`` (``c``: the zero addend).
+
+    ``ASM``: float16 pairs in PTX, ``h`` an int32 float16 pair. Otherwise (the interpreter) the same
+    bit manipulation with float32 arithmetic, ``h`` float32 (both halves summed).
+    """
+    if ASM:
+        mb = tl.full(src.shape, M_BITS, tl.int32)
+        mask = tl.full(src.shape, MASK, tl.int32)
+        if FIRST:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
+                "mul.rn.f16x2 $0, v, $5; }",
+                "=r,r,r,r,r,r", [src, mask, mb, c, xp], dtype=tl.int32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(
+                "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
+                "fma.rn.f16x2 $0, v, $5, $6; }",
+                "=r,r,r,r,r,r,r", [src, mask, mb, c, xp, h], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        v = (src & MASK) | 0x64006400
+        lo = _h2_half(v, False) * M_F + _h2_half(c, False)
+        hi = _h2_half(v, True) * M_F + _h2_half(c, True)
+        return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
+
+
+@triton.jit
+def _h2_step(src, xp, zt, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, ASM: tl.constexpr,
+             BLOCK_N: tl.constexpr, GT: tl.constexpr):
+    """Pair ``I`` of every word (``src``: the words, or the words shifted down a byte for ``I >= 8 / WIDTH``);
+    ``zt`` [BLOCK_N, GT]: the zeros of the tile's groups."""
+    J: tl.constexpr = I % (8 // WIDTH)
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 65537 << (WIDTH * J)
+    E: tl.constexpr = 2 * HI_PLANE - WIDTH * J  # the field is read times 2^-E (times 4 more on the high plane)
+    M_BITS: tl.constexpr = ((15 + E) << 10) * 65537
+    M_F: tl.constexpr = (1 << (E + 8)) / 256.0
+    if HI_PLANE:
+        c = _h2_zero_pair(tl.zeros([1, 1], dtype=tl.float32), 1024.0 * M_F)
+    else:  # per group, then repeated for its words (not computed per word)
+        c = _per_word(_h2_zero_pair(zt, 1024.0 * M_F), BLOCK_N, GT, src.shape[1] // GT)
+    return _h2_pair(src, xp, c, h, MASK, M_BITS, M_F, I == 0, ASM)
+
+
+@triton.jit
+def _h2_finish(h, s, acc, ASM: tl.constexpr):
+    """``acc + s * (sum of both halves of h)`` in float32."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b16 l, u; .reg .f32 a, b; mov.b32 {l, u}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, u; "
+            "add.f32 a, a, b; fma.rn.f32 $0, a, $2, $3; }",
+            "=f,r,f,f", [h, s, acc], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return acc + s * h
+
+
+@triton.jit
+def _h2_plane(words, x32, k0, zt, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
+              MASK_K: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr):
+    """``acc[n, w] + s * sum_{c in word w} (q_c - z) x_c`` for one plane's words [BLOCK_N, NW].
+
+    ``HI_PLANE`` (the 1-bit plane of a 3-bit code): fields count ``4 * f`` and carry no zero.
+    """
+    PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
+    PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
+    NW: tl.constexpr = BK * WIDTH // 32
+    shifted = words >> 8
+    pair0 = k0 // 2 + tl.arange(0, NW) * PAIRS  # int32 index of each word's first activation pair
+    if ASM:
+        h = tl.zeros(words.shape, dtype=tl.int32)
+    else:
+        h = tl.zeros(words.shape, dtype=tl.float32)
+    for i in tl.static_range(PAIRS):
+        if MASK_K:
+            xp = tl.load(x32 + pair0 + i, mask=(pair0 + i) * 2 < K, other=0)
+        else:
+            xp = tl.load(x32 + pair0 + i)
+        if i < PER:
+            h = _h2_step(words, xp[None, :], zt, h, i, WIDTH, HI_PLANE, ASM, BLOCK_N, GT)
+        else:
+            h = _h2_step(shifted, xp[None, :], zt, h, i, WIDTH, HI_PLANE, ASM, BLOCK_N, GT)
+    return _h2_finish(h, s_w, acc, ASM)
+
+
+@triton.jit
+def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
+                   N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+                   ASM: tl.constexpr = False, GT: tl.constexpr = 1):
+    """Same contract and grid as :func:`gemv_kernel` for float16 activations (even ``K``, rows
+    4-byte aligned) and 2, 3 or 4 bits; see the section comment. ``ASM`` (CUDA only) runs the pairs
+    in PTX; the interpreter runs the same bit manipulation in float32.
+    """
+    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
+                                                                    BLOCK_N, BK)
+    x32 = x_row.to(tl.pointer_type(tl.int32))
+    LO: tl.constexpr = 2 if BITS == 3 else BITS
+    acc = tl.zeros([BLOCK_N, BK * LO // 32], dtype=tl.float32)
+    if BITS == 3:
+        acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
+    else:
+        acc_hi = acc
+    for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
+        if GT == 1:
+            s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
+            st = s[:, None]
+            zt = z[:, None]
+        else:
+            st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
+        s_lo = _per_word(st, BLOCK_N, GT, BK * LO // 32 // GT)
+        acc = _h2_plane(tl.load(lo_ptrs), x32, k0, zt, s_lo, acc, K, LO, False, BK, MASK_K, ASM, BLOCK_N, GT)
+        lo_ptrs += BK * LO // 32 * SPLIT_K
+        if BITS == 3:
+            s_hi = _per_word(st, BLOCK_N, GT, BK // 32 // GT)
+            acc_hi = _h2_plane(tl.load(hi_ptrs), x32, k0, zt, s_hi, acc_hi, K, 1, True, BK, MASK_K, ASM, BLOCK_N, GT)
+            hi_ptrs += BK // 32 * SPLIT_K
+    out = tl.sum(acc, axis=1)
+    if BITS == 3:
+        out += tl.sum(acc_hi, axis=1)
+    _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)

@@ -27,6 +27,14 @@ CASES = [
         (40, 96, 32, 1, "gemv_asm", 2, "float16", True),
         (40, 96, 32, 1, "gemv_words-bk128", 1, "float16", False),
         (33, 256, 64, 2, "gemv_words-bk256", 2, "bfloat16", True),
+        (40, 96, 32, 1, "gemv_h2", 1, "float16", True),
+        (33, 256, 128, 1, "gemv_h2", 2, "float16", False),
+        (24, 100, 100, 1, "gemv_h2", 1, "float16", False),
+        (40, 96, 32, 1, "gemv_h2-bk128", 1, "float16", False),
+        (33, 512, 64, 1, "gemv_h2-bk256", 2, "float16", True),
+        (33, 256, 64, 1, "gemv_h2", 1, "bfloat16", False),
+        (40, 96, 32, 6, "dot-bk128", 1, "float16", True),
+        (33, 512, 64, 9, "dot-bk256", 2, "bfloat16", False),
     ]
 ]
 
@@ -70,7 +78,7 @@ def main() -> None:
     storage[: s.numel()] = s.flatten()
     w = pack(q, s, z, 4, 32)
     w = type(w)(w.qweight, storage[: s.numel()].view(8, 3), w.qzeros, 4, 32, 96)
-    for kind, m in (("gemv", 1), ("gemv_words", 1), ("dot", 3)):
+    for kind, m in (("gemv", 1), ("gemv_words", 1), ("gemv_h2", 1), ("dot", 3)):
         x = torch.randn(m, 96).half()
         cfg = KernelConfig(kind, block_n=32, block_k=128, block_m=16)
         out[f"scale_tail_{kind}"] = rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w))

@@ -50,7 +50,7 @@ def test_cuda_graph_replay_equals_eager():
     assert not torch.equal(y, eager)
 
 
-@pytest.mark.parametrize("kind", ["gemv", "gemv_words", "gemv_asm"])
+@pytest.mark.parametrize("kind", ["gemv", "gemv_words", "gemv_asm", "gemv_h2"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("split", [1, 4])
 def test_gemv_kernels_match_reference(kind, bits, split):
@@ -66,11 +66,28 @@ def test_gemv_kernels_match_reference(kind, bits, split):
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("block_k,group", [(512, 128), (256, 64), (1024, 128)])
-def test_gemv_tiles_of_several_groups(bits, block_k, group):
+@pytest.mark.parametrize("kind,m", [("gemv_asm", 1), ("gemv_h2", 1), ("dot", 16), ("dot", 5)])
+def test_tiles_of_several_groups(kind, m, bits, block_k, group):
     from hpsearch.kernels import KernelConfig
 
     q, s, z = random_qsz(1000, 4096, group, bits, seed=bits + block_k, device="cuda")
     w = pack(q, s, z, bits, group)
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
-    cfg = KernelConfig("gemv_asm", block_n=64, block_k=block_k, split_k=2, num_stages=3)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+    cfg = KernelConfig(kind, block_n=64, block_k=block_k, block_m=16, split_k=2, num_stages=3)
     assert rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w)) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k", [4096, 352, 11008])
+def test_gemv_h2_large_activations_and_odd_shapes(bits, k):
+    """Float16 partial sums of (q - z) x: activation outliers in the hundreds stay accurate; K not a
+    multiple of the tile (352), several-group tiles that do not divide K (11008 = 86 groups)."""
+    from hpsearch.kernels import KernelConfig
+
+    q, s, z = random_qsz(700, k, 32 if k == 352 else 128, bits, seed=k + bits, device="cuda")
+    w = pack(q, s, z, bits, 32 if k == 352 else 128)
+    x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    x[0, ::97] = 400.0  # outliers, as in some models' MLP inputs
+    y = packed_matmul(x, w, config=KernelConfig("gemv_h2", block_n=32, block_k=1024, num_stages=3))
+    assert torch.isfinite(y).all()
+    assert rel_err(y, matmul_reference(x, w)) < TOL[torch.float16]

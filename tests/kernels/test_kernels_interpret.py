@@ -29,7 +29,8 @@ def results():
 
 
 @pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1", "scale_tail_gemv",
-                                                               "scale_tail_gemv_words", "scale_tail_dot"])
+                                                               "scale_tail_gemv_words", "scale_tail_gemv_h2",
+                                                               "scale_tail_dot"])
 def test_interpreted_kernel_matches_reference(results, cid):
     err = results[cid]
     assert isinstance(err, float), err
