@@ -373,15 +373,19 @@ def _word_sums(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.cons
 
 
 @triton.jit
-def _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl.constexpr, GT: tl.constexpr):
-    """Scales and zeros (float32 [BLOCK_N, GT]) of the ``GT`` groups from code ``k0`` on; groups past
-    the row's last get scale 0 (they meet zero-padded activations anyway)."""
+def _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl.constexpr, GT: tl.constexpr,
+                     ZERO_PAST: tl.constexpr = True):
+    """Scales and zeros (float32 [BLOCK_N, GT]) of the ``GT`` groups from code ``k0`` on. Groups past
+    the row's last read the last group's (finite: they meet zero-padded activations); ``ZERO_PAST``
+    also zeroes their scale."""
     grp = k0 // GROUP + tl.arange(0, GT)
     valid = grp < G
     grp = tl.minimum(grp, G - 1)
     s = tl.load(s_ptr + rows[:, None] * G + grp[None, :]).to(tl.float32)
     z = _zero(qz_ptr, rows[:, None], grp[None, :], G_PAD, BITS)
-    return tl.where(valid[None, :], s, 0.0), z
+    if ZERO_PAST:
+        s = tl.where(valid[None, :], s, 0.0)
+    return s, z
 
 
 @triton.jit
@@ -563,21 +567,16 @@ def _word_sums_asm(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.
 # through every instruction: slot ``j`` (code ``2j``) and slot ``j + P/2`` (code ``2j + 1``) of a
 # word are 16 bits apart (see ``_format``), so one LOP3 ``(w & mask) | 0x64006400`` makes the
 # float16 pair ``1024 + f * 2^(width*i)``, one ``fma.f16x2`` by ``2^-(width*i)`` with addend
-# ``-(1024 * 2^-(width*i)) - z`` gives ``q - z`` for both codes exactly, and one ``fma.f16x2``
-# multiplies by the activation pair (activations are read as int32: ``x[2p], x[2p+1]`` is already
-# a float16 pair, in the codes' order) and adds. A word's pairs accumulate in float16 (4 products a
-# lane at 4 bits, 8 at 2, 16 for the 1-bit plane of 3 bits) and leave through float32, where the
-# group scale is applied. Codes are centred on the zero before they meet ``x`` so the float16
-# partial sums hold ``(q - z) x`` (no cancellation later). About 2.1 instructions per code at 4
-# bits against 4.9. Float16 activations only (bfloat16 pairs have no exact 1024 + f trick with this
-# mantissa) and 2, 3 and 4 bits (8-bit codes times ``x`` could overflow a float16 partial sum).
-
-
-@triton.jit
-def _h2_zero_pair(z, MAGIC: tl.constexpr):
-    """The float16 pair ``(-MAGIC - z, -MAGIC - z)`` as int32 (``z`` float32; both exact)."""
-    b = (-MAGIC - z).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return b | (b << 16)
+# ``-1024 * 2^-(width*i)`` gives both fields exactly, and one ``fma.f16x2`` multiplies by the
+# activation pair (activations are read as int32: ``x[2p], x[2p+1]`` is already a float16 pair, in
+# the codes' order) and adds. A word's pairs accumulate in float16 (4 products a lane at 4 bits, 8
+# at 2, 16 for the 1-bit plane of 3 bits) and leave through float32, where the group scale is
+# applied; the zero enters per word in float32, ``- s z sum_w x`` (the activation sums are shared by
+# a thread's rows). Every constant is an immediate: nothing is computed per word but the arithmetic (about 2.1 instructions per code at
+# 4 bits against 4.9). Float16 partial sums cost accuracy: ~5e-4 relative against the float32
+# reference (tests: 2e-3), and a word's partial sum overflows past 65504, i.e. with activations
+# beyond ~1000 on every code of a word. Float16 activations only (bfloat16 pairs have too few
+# mantissa bits for the trick) and 2, 3 and 4 bits (8-bit codes times x overflow sooner).
 
 
 @triton.jit
@@ -591,69 +590,67 @@ def _h2_half(v, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _h2_pair(src, xp, c, h, MASK: tl.constexpr, M_BITS: tl.constexpr, M_F: tl.constexpr, FIRST: tl.constexpr,
-             ASM: tl.constexpr):
-    """One pair of codes: ``h + ((src & MASK | 1024-magic) * m + c) * x`` (``c``: the zero addend).
+def _h2_step(src, xp, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, ASM: tl.constexpr):
+    """``h + f * x`` for pair ``I`` of every word (``src``: the words, or the words shifted down a byte
+    for ``I >= 8 / WIDTH``; ``f`` the pair's fields, times 4 on the high plane of 3 bits).
 
     ``ASM``: float16 pairs in PTX, ``h`` an int32 float16 pair. Otherwise (the interpreter) the same
     bit manipulation with float32 arithmetic, ``h`` float32 (both halves summed).
     """
+    J: tl.constexpr = I % (8 // WIDTH)
+    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 65537 << (WIDTH * J)
+    E: tl.constexpr = 2 * HI_PLANE - WIDTH * J  # the field is read times 2^-(WIDTH*J); times 4 on the high plane
+    M_BITS: tl.constexpr = ((15 + E) << 10) * 65537  # 2^E, a float16 pair
+    C_BITS: tl.constexpr = (((25 + E) << 10) | 0x8000) * 65537  # -1024 * 2^E, a float16 pair
     if ASM:
-        mb = tl.full(src.shape, M_BITS, tl.int32)
+        # the constants go in as operands and come back as immediates (ptxas folds them)
         mask = tl.full(src.shape, MASK, tl.int32)
-        if FIRST:
+        mb = tl.full(src.shape, M_BITS, tl.int32)
+        cb = tl.full(src.shape, C_BITS, tl.int32)
+        if I == 0:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
                 "mul.rn.f16x2 $0, v, $5; }",
-                "=r,r,r,r,r,r", [src, mask, mb, c, xp], dtype=tl.int32, is_pure=True, pack=1)
+                "=r,r,r,r,r,r", [src, mask, mb, cb, xp], dtype=tl.int32, is_pure=True, pack=1)
         else:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
                 "fma.rn.f16x2 $0, v, $5, $6; }",
-                "=r,r,r,r,r,r,r", [src, mask, mb, c, xp, h], dtype=tl.int32, is_pure=True, pack=1)
+                "=r,r,r,r,r,r,r", [src, mask, mb, cb, xp, h], dtype=tl.int32, is_pure=True, pack=1)
     else:
+        M_F: tl.constexpr = (1 << (E + 8)) / 256.0
         v = (src & MASK) | 0x64006400
-        lo = _h2_half(v, False) * M_F + _h2_half(c, False)
-        hi = _h2_half(v, True) * M_F + _h2_half(c, True)
+        lo = _h2_half(v, False) * M_F - 1024.0 * M_F
+        hi = _h2_half(v, True) * M_F - 1024.0 * M_F
         return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
 
 
 @triton.jit
-def _h2_step(src, xp, zt, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, ASM: tl.constexpr,
-             BLOCK_N: tl.constexpr, GT: tl.constexpr):
-    """Pair ``I`` of every word (``src``: the words, or the words shifted down a byte for ``I >= 8 / WIDTH``);
-    ``zt`` [BLOCK_N, GT]: the zeros of the tile's groups."""
-    J: tl.constexpr = I % (8 // WIDTH)
-    MASK: tl.constexpr = ((1 << WIDTH) - 1) * 65537 << (WIDTH * J)
-    E: tl.constexpr = 2 * HI_PLANE - WIDTH * J  # the field is read times 2^-E (times 4 more on the high plane)
-    M_BITS: tl.constexpr = ((15 + E) << 10) * 65537
-    M_F: tl.constexpr = (1 << (E + 8)) / 256.0
-    if HI_PLANE:
-        c = _h2_zero_pair(tl.zeros([1, 1], dtype=tl.float32), 1024.0 * M_F)
-    else:  # per group, then repeated for its words (not computed per word)
-        c = _per_word(_h2_zero_pair(zt, 1024.0 * M_F), BLOCK_N, GT, src.shape[1] // GT)
-    return _h2_pair(src, xp, c, h, MASK, M_BITS, M_F, I == 0, ASM)
+def _h2_add(a, b, ASM: tl.constexpr):
+    """``a + b`` of float16 pairs (int32); float32 sums of both halves in the interpreter."""
+    if ASM:
+        return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    else:
+        return a + _h2_half(b, False) + _h2_half(b, True)
 
 
 @triton.jit
-def _h2_finish(h, s, acc, ASM: tl.constexpr):
-    """``acc + s * (sum of both halves of h)`` in float32."""
+def _h2_sum(h, ASM: tl.constexpr):
+    """Sum of both halves of float16 pairs, float32."""
     if ASM:
         return tl.inline_asm_elementwise(
             "{ .reg .b16 l, u; .reg .f32 a, b; mov.b32 {l, u}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, u; "
-            "add.f32 a, a, b; fma.rn.f32 $0, a, $2, $3; }",
-            "=f,r,f,f", [h, s, acc], dtype=tl.float32, is_pure=True, pack=1)
+            "add.f32 $0, a, b; }", "=f,r", [h], dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return acc + s * h
+        return h
 
 
 @triton.jit
-def _h2_plane(words, x32, k0, zt, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
-              MASK_K: tl.constexpr, ASM: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr):
-    """``acc[n, w] + s * sum_{c in word w} (q_c - z) x_c`` for one plane's words [BLOCK_N, NW].
-
-    ``HI_PLANE`` (the 1-bit plane of a 3-bit code): fields count ``4 * f`` and carry no zero.
-    """
+def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
+              MASK_K: tl.constexpr, ASM: tl.constexpr):
+    """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for one plane's words [BLOCK_N, NW] (``s_w``:
+    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32)."""
     PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
     PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
     NW: tl.constexpr = BK * WIDTH // 32
@@ -661,18 +658,24 @@ def _h2_plane(words, x32, k0, zt, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl
     pair0 = k0 // 2 + tl.arange(0, NW) * PAIRS  # int32 index of each word's first activation pair
     if ASM:
         h = tl.zeros(words.shape, dtype=tl.int32)
+        xs = tl.zeros([NW], dtype=tl.int32)
     else:
         h = tl.zeros(words.shape, dtype=tl.float32)
+        xs = tl.zeros([NW], dtype=tl.float32)
     for i in tl.static_range(PAIRS):
         if MASK_K:
             xp = tl.load(x32 + pair0 + i, mask=(pair0 + i) * 2 < K, other=0)
         else:
             xp = tl.load(x32 + pair0 + i)
         if i < PER:
-            h = _h2_step(words, xp[None, :], zt, h, i, WIDTH, HI_PLANE, ASM, BLOCK_N, GT)
+            h = _h2_step(words, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
         else:
-            h = _h2_step(shifted, xp[None, :], zt, h, i, WIDTH, HI_PLANE, ASM, BLOCK_N, GT)
-    return _h2_finish(h, s_w, acc, ASM)
+            h = _h2_step(shifted, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
+        if i == 0 and ASM:
+            xs = xp
+        else:
+            xs = _h2_add(xs, xp, ASM)
+    return acc + s_w * _h2_sum(h, ASM), _h2_sum(xs, ASM)
 
 
 @triton.jit
@@ -700,13 +703,17 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             st = s[:, None]
             zt = z[:, None]
         else:
-            st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
-        s_lo = _per_word(st, BLOCK_N, GT, BK * LO // 32 // GT)
-        acc = _h2_plane(tl.load(lo_ptrs), x32, k0, zt, s_lo, acc, K, LO, False, BK, MASK_K, ASM, BLOCK_N, GT)
+            # no select per word: past K the activation pairs are zero (masked loads)
+            st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT, False)
+        WPG: tl.constexpr = BK * LO // 32 // GT
+        acc, xw = _h2_plane(tl.load(lo_ptrs), x32, k0, _per_word(st, BLOCK_N, GT, WPG), acc, K, LO, False, BK,
+                            MASK_K, ASM)
+        # the zero, per word: - s z sum_{c in w} x_c (the high plane of 3 bits has none)
+        acc -= _per_word(st * zt, BLOCK_N, GT, WPG) * xw[None, :]
         lo_ptrs += BK * LO // 32 * SPLIT_K
         if BITS == 3:
-            s_hi = _per_word(st, BLOCK_N, GT, BK // 32 // GT)
-            acc_hi = _h2_plane(tl.load(hi_ptrs), x32, k0, zt, s_hi, acc_hi, K, 1, True, BK, MASK_K, ASM, BLOCK_N, GT)
+            acc_hi, _ = _h2_plane(tl.load(hi_ptrs), x32, k0, _per_word(st, BLOCK_N, GT, BK // 32 // GT), acc_hi,
+                                  K, 1, True, BK, MASK_K, ASM)
             hi_ptrs += BK // 32 * SPLIT_K
     out = tl.sum(acc, axis=1)
     if BITS == 3:

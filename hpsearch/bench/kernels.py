@@ -63,11 +63,11 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("gemv_asm", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3))
         # float16 pairs (2-4 bits; other inputs fall back to gemv_asm)
-        for bn, bk, nw, sk in ((16, 1024, 4, 1), (32, 1024, 4, 1), (32, 1024, 8, 1), (64, 1024, 8, 1),
-                               (16, 512, 4, 1), (32, 512, 4, 1), (64, 512, 4, 1), (16, 1024, 4, 2),
-                               (32, 512, 4, 2), (64, 256, 4, 2), (128, 256, 8, 1), (32, 256, 4, 4)):
-            out.append(KernelConfig("gemv_h2", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3))
-        out.append(KernelConfig("gemv_h2", block_n=32, block_k=1024, split_k=1, num_stages=2))
+        for bn, bk, nw, sk, ns in ((16, 1024, 4, 1, 3), (32, 1024, 4, 1, 3), (32, 1024, 4, 1, 2), (16, 1024, 4, 1, 1),
+                                   (32, 1024, 4, 1, 1), (64, 1024, 8, 1, 1), (16, 512, 4, 1, 3), (32, 512, 4, 1, 3),
+                                   (16, 1024, 4, 2, 3), (16, 512, 4, 2, 1), (64, 256, 4, 2, 3), (32, 256, 4, 4, 3),
+                                   (8, 1024, 4, 1, 3), (16, 2048, 4, 1, 2), (16, 2048, 8, 1, 2), (64, 512, 8, 2, 2)):
+            out.append(KernelConfig("gemv_h2", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns))
     if m <= 16:
         # tensor cores over tiles of several groups
         for bn, bk, nw, sk in ((64, 512, 4, 1), (64, 512, 4, 2), (128, 512, 8, 1), (64, 256, 4, 2),
