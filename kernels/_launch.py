@@ -85,14 +85,15 @@ def _tuned_table() -> dict[str, dict]:
 
 
 def _fit_block_k(block_k: int, k_pad: int, group_size: int, per_channel: bool,
-                 multi_group: bool = False) -> int | None:
+                 multi_group: bool = False, tail: bool = False) -> int | None:
     """Tile length: the largest power of two <= block_k dividing k_pad (per channel) or the group;
     with ``multi_group`` (kernels that take one scale per word) a whole number of power-of-two
-    groups of at least 32 codes may share a tile."""
+    groups of at least 32 codes may share a tile; with ``tail`` too (kernels that mask a last,
+    partial tile) it need not divide k_pad (11008 = 86 groups of 128 takes tiles of 1024)."""
     bk = 1 << (max(block_k, 32).bit_length() - 1)
     if multi_group and not per_channel and group_size >= 32 and group_size & (group_size - 1) == 0:
         while bk > group_size:
-            if k_pad % bk == 0:
+            if k_pad % bk == 0 or (tail and bk < 2 * k_pad):
                 return bk
             bk //= 2
     limit = k_pad if per_channel else group_size
@@ -137,11 +138,11 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
         cfg = dataclasses.replace(cfg, kind="gemv_asm")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
-                      multi_group=cfg.kind in ("gemv_words", "gemv_asm", "gemv_h2", "dot"))
+                      multi_group=cfg.kind in ("gemv_words", "gemv_asm", "gemv_h2", "dot"), tail=cfg.kind == "gemv_h2")
     if bk is None:
         return None
     kern = _kernels()
-    split_k = max(1, min(cfg.split_k, k_pad // bk))
+    split_k = max(1, min(cfg.split_k, triton_cdiv(k_pad, bk)))
     if split_k > 1:  # partial sums are added atomically: float16 natively, others in float32
         acc_dtype = x2.dtype if x2.dtype == torch.float16 else torch.float32
         y = torch.zeros((m, n), dtype=acc_dtype, device=x2.device)
@@ -151,7 +152,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     common = {"N": n, "K": k, "K_PAD": k_pad, "G": g, "G_PAD": padded(g, G_MULTIPLE),
               "stride_xm": x2.stride(0), "stride_ym": y.stride(0), "BITS": bits,
               "GROUP": 0 if per_channel else group_size, "HAS_BIAS": bias is not None,
-              "MASK_K": k != k_pad, "BLOCK_N": cfg.block_n, "BK": bk, "SPLIT_K": split_k,
+              "MASK_K": k != k_pad or k_pad % bk != 0, "BLOCK_N": cfg.block_n, "BK": bk, "SPLIT_K": split_k,
               "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     groups_per_tile = bk // group_size if not per_channel and bk > group_size else 1
     if cfg.kind in ("gemv", "gemv_words", "gemv_asm", "gemv_h2"):
@@ -160,9 +161,12 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         if cfg.kind == "gemv":
             kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
         else:  # inline PTX runs on CUDA only (the interpreter takes the Triton body)
-            kernel = kern.gemv_h2_kernel if cfg.kind == "gemv_h2" else kern.gemv_words_kernel
-            kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=cfg.kind != "gemv_words" and x2.is_cuda,
-                         GT=groups_per_tile, **common)
+            asm = cfg.kind != "gemv_words" and x2.is_cuda
+            if cfg.kind == "gemv_h2":
+                kern.gemv_h2_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile,
+                                          TAIL=k_pad % bk != 0, **common)
+            else:
+                kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile, **common)
     elif cfg.kind == "dot":
         grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(m, cfg.block_m), split_k)
         upcast = x2.device.type == "cpu" and x2.dtype != torch.float16  # interpreter: see dot_kernel
