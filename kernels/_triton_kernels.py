@@ -626,45 +626,6 @@ def _h2_step(src, xp, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.cons
 
 
 @triton.jit
-def _h2_step3(lo, hi, xp, h, I: tl.constexpr, ASM: tl.constexpr):
-    """:func:`_h2_step` for 3-bit codes: pair ``I`` of a 2-bit plane word ``lo`` and, at bits ``J`` and
-    ``16 + J`` of ``hi``, the pair's high bits (``J = I % 4``; ``lo``/``hi`` shifted down for
-    ``I >= 4``). ``(hi_pair * 4 * 2^-J - 1024 * (4 * 2^-J + 4^-J)) + lo_pair * 4^-J`` is ``lo + 4 hi``
-    exactly, so both planes take one multiply by ``x``."""
-    J: tl.constexpr = I % 4
-    MASK_LO: tl.constexpr = 3 * 65537 << (2 * J)
-    MASK_HI: tl.constexpr = 65537 << J
-    M_LO: tl.constexpr = ((15 - 2 * J) << 10) * 65537  # 4^-J
-    M_HI: tl.constexpr = ((17 - J) << 10) * 65537  # 4 * 2^-J
-    # -(2^(12-J) + 2^(10-2J)): exponent 12 - J, mantissa 2^-(2+J)
-    C_TOT: tl.constexpr = (0x8000 | ((27 - J) << 10) | (1024 >> (2 + J))) * 65537
-    if ASM:
-        ml = tl.full(lo.shape, MASK_LO, tl.int32)
-        mh = tl.full(lo.shape, MASK_HI, tl.int32)
-        fl = tl.full(lo.shape, M_LO, tl.int32)
-        fh = tl.full(lo.shape, M_HI, tl.int32)
-        ct = tl.full(lo.shape, C_TOT, tl.int32)
-        if I == 0:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 v, u; lop3.b32 v, $1, $3, 0x64006400, 0xEA; lop3.b32 u, $2, $4, 0x64006400, 0xEA; "
-                "fma.rn.f16x2 u, u, $6, $7; fma.rn.f16x2 v, v, $5, u; mul.rn.f16x2 $0, v, $8; }",
-                "=r,r,r,r,r,r,r,r,r", [lo, hi, ml, mh, fl, fh, ct, xp], dtype=tl.int32, is_pure=True, pack=1)
-        else:
-            return tl.inline_asm_elementwise(
-                "{ .reg .b32 v, u; lop3.b32 v, $1, $3, 0x64006400, 0xEA; lop3.b32 u, $2, $4, 0x64006400, 0xEA; "
-                "fma.rn.f16x2 u, u, $6, $7; fma.rn.f16x2 v, v, $5, u; fma.rn.f16x2 $0, v, $8, $9; }",
-                "=r,r,r,r,r,r,r,r,r,r", [lo, hi, ml, mh, fl, fh, ct, xp, h], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        F_LO: tl.constexpr = 1.0 / (1 << (2 * J))
-        F_HI: tl.constexpr = 4.0 / (1 << J)
-        v = (lo & MASK_LO) | 0x64006400
-        u = (hi & MASK_HI) | 0x64006400
-        d_lo = (_h2_half(v, False) - 1024.0) * F_LO + (_h2_half(u, False) - 1024.0) * F_HI
-        d_hi = (_h2_half(v, True) - 1024.0) * F_LO + (_h2_half(u, True) - 1024.0) * F_HI
-        return h + d_lo * _h2_half(xp, False) + d_hi * _h2_half(xp, True)
-
-
-@triton.jit
 def _h2_add(a, b, ASM: tl.constexpr):
     """``a + b`` of float16 pairs (int32); float32 sums of both halves in the interpreter."""
     if ASM:
@@ -686,16 +647,14 @@ def _h2_sum(h, ASM: tl.constexpr):
 
 
 @triton.jit
-def _h2_plane(words, hi, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
-              MASK_K: tl.constexpr, ASM: tl.constexpr, THREE: tl.constexpr = False):
+def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
+              MASK_K: tl.constexpr, ASM: tl.constexpr):
     """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for one plane's words [BLOCK_N, NW] (``s_w``:
-    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32). ``THREE``: the
-    words are a 3-bit code's 2-bit plane and ``hi`` holds their high bits (see :func:`_h2_step3`)."""
+    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32)."""
     PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
     PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
     NW: tl.constexpr = BK * WIDTH // 32
     shifted = words >> 8
-    hi_shifted = hi >> 4
     pair0 = k0 // 2 + tl.arange(0, NW) * PAIRS  # int32 index of each word's first activation pair
     if ASM:
         h = tl.zeros(words.shape, dtype=tl.int32)
@@ -708,12 +667,7 @@ def _h2_plane(words, hi, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl
             xp = tl.load(x32 + pair0 + i, mask=(pair0 + i) * 2 < K, other=0)
         else:
             xp = tl.load(x32 + pair0 + i)
-        if THREE:
-            if i < PER:
-                h = _h2_step3(words, hi, xp[None, :], h, i, ASM)
-            else:
-                h = _h2_step3(shifted, hi_shifted, xp[None, :], h, i, ASM)
-        elif i < PER:
+        if i < PER:
             h = _h2_step(words, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
         else:
             h = _h2_step(shifted, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
@@ -752,11 +706,9 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     LO: tl.constexpr = 2 if BITS == 3 else BITS
     acc = tl.zeros([BLOCK_N, BK * LO // 32], dtype=tl.float32)
     if BITS == 3:
-        # each 2-bit plane word's high bits: one high-plane word serves two (its low byte of each
-        # half-word the even one, its high byte the odd one), loaded for both
-        c = pid_k * BK // 16 + tl.arange(0, BK // 16)
-        hi_ptrs = qw_ptr + (rows * (K_PAD * 3 // 32) + K_PAD // 16)[:, None] + (c // 2)[None, :]
-        hi_shift = ((c % 2) * 8)[None, :]
+        acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
+    else:
+        acc_hi = acc
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
         if GT == 1:
             s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
@@ -767,20 +719,17 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT, False)
         WPG: tl.constexpr = BK * LO // 32 // GT
         words = _h2_words(lo_ptrs, k0, K_PAD, LO, BK, TAIL)
-        if BITS == 3:
-            if TAIL:
-                w = k0 // 16 + tl.arange(0, BK // 16)
-                hw = tl.load(hi_ptrs, mask=(w < K_PAD // 16)[None, :], other=0)
-            else:
-                hw = tl.load(hi_ptrs)
-            hi_ptrs += BK // 32 * SPLIT_K
-            hi = hw >> hi_shift
-        else:
-            hi = words
-        acc, xw = _h2_plane(words, hi, x32, k0, _per_word(st, BLOCK_N, GT, WPG), acc, K, LO, False, BK, MASK_K, ASM,
-                            BITS == 3)
+        acc, xw = _h2_plane(words, x32, k0, _per_word(st, BLOCK_N, GT, WPG), acc, K, LO, False, BK, MASK_K, ASM)
         # the zero, per word: - s z sum_{c in w} x_c (the high plane of 3 bits has none)
         acc -= _per_word(st * zt, BLOCK_N, GT, WPG) * xw[None, :]
         lo_ptrs += BK * LO // 32 * SPLIT_K
+        if BITS == 3:  # the high bit plane: 4 * hi * x, no zero (kernels/NOTES.md run 9: one pair for
+            # both planes, with the high word gathered per low word, measured slower)
+            words = _h2_words(hi_ptrs, k0, K_PAD, 1, BK, TAIL)
+            acc_hi, _ = _h2_plane(words, x32, k0, _per_word(st, BLOCK_N, GT, BK // 32 // GT), acc_hi, K, 1, True, BK,
+                                  MASK_K, ASM)
+            hi_ptrs += BK // 32 * SPLIT_K
     out = tl.sum(acc, axis=1)
+    if BITS == 3:
+        out += tl.sum(acc_hi, axis=1)
     _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
