@@ -60,7 +60,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
         split = 1
         while split < 8 and tiles * split < 264 and k // (1024 * split * 2) >= 1:
             split *= 2
-        # Runs 8-9: gemv_h2, 16 rows x 1024 codes; 2 and 3 bits best unpipelined, 4 bits pipelined.
+        # Runs 9-11: gemv_h2, 16 rows x 1024 codes; 2 and 3 bits best unpipelined, 4 bits pipelined.
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
         return KernelConfig(kind, block_n=16, block_k=1024, split_k=split, num_stages=1 if bits < 4 else 3)
     if m <= 16:
