@@ -723,7 +723,7 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         # the zero, per word: - s z sum_{c in w} x_c (the high plane of 3 bits has none)
         acc -= _per_word(st * zt, BLOCK_N, GT, WPG) * xw[None, :]
         lo_ptrs += BK * LO // 32 * SPLIT_K
-        if BITS == 3:  # the high bit plane: 4 * hi * x, no zero (kernels/NOTES.md run 9: one pair for
+        if BITS == 3:  # the high bit plane: 4 * hi * x, no zero (kernels/NOTES.md run 10: one pair for
             # both planes, with the high word gathered per low word, measured slower)
             words = _h2_words(hi_ptrs, k0, K_PAD, 1, BK, TAIL)
             acc_hi, _ = _h2_plane(words, x32, k0, _per_word(st, BLOCK_N, GT, BK // 32 // GT), acc_hi, K, 1, True, BK,
