@@ -53,14 +53,13 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     if tuned is not None:
         return KernelConfig(**tuned)
     if m == 1:
-        # Run 6 (kernels/NOTES.md): long runs of each row per load win; 16 rows x 1024 codes was best
-        # on both tuned 4-bit shapes. Split K only when there are too few row tiles to fill the GPU.
-        # 2-4 bits take the float16-pair kernel (it falls back to gemv_asm for other activations).
+        # kernels/NOTES.md runs 6 and 9-11: long runs of each row per load win (16 rows x 1024 codes);
+        # 2-4 bits take the float16-pair kernel (gemv_asm for other activations), best unpipelined
+        # at 2 and 3 bits, pipelined at 4. Split K only when too few row tiles fill the GPU.
         tiles = max(1, -(-n // 16))
         split = 1
         while split < 8 and tiles * split < 264 and k // (1024 * split * 2) >= 1:
             split *= 2
-        # Runs 9-11: gemv_h2, 16 rows x 1024 codes; 2 and 3 bits best unpipelined, 4 bits pipelined.
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
         return KernelConfig(kind, block_n=16, block_k=1024, split_k=split, num_stages=1 if bits < 4 else 3)
     if m <= 16:
