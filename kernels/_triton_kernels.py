@@ -682,11 +682,12 @@ def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.con
 def _h2_words(ptrs, k0, K_PAD, WIDTH: tl.constexpr, BK: tl.constexpr, TAIL: tl.constexpr):
     """The words of one plane's tile; with ``TAIL`` those past the row's last are 0 (and meet zero
     activations: ``MASK_K`` is set with it)."""
+    # read once per call: evict them first, keep the activations and scales in L2
     if TAIL:
         w = k0 * WIDTH // 32 + tl.arange(0, BK * WIDTH // 32)
-        return tl.load(ptrs, mask=(w < K_PAD * WIDTH // 32)[None, :], other=0)
+        return tl.load(ptrs, mask=(w < K_PAD * WIDTH // 32)[None, :], other=0, eviction_policy="evict_first")
     else:
-        return tl.load(ptrs)
+        return tl.load(ptrs, eviction_policy="evict_first")
 
 
 @triton.jit
