@@ -1,7 +1,8 @@
 """Triton kernels for ``y = x @ W_hat.T`` on the packed format of :mod:`._format`.
 
-Both kernels walk K in tiles of ``BK`` codes that lie inside one group (``BK`` divides the group
-size, or the group is the whole row), dequantize in registers and never write ``W_hat`` out:
+Every kernel walks K in tiles of ``BK`` codes, dequantizes in registers and never writes ``W_hat``
+out. :func:`gemv_kernel` keeps a tile inside one group; the others also take tiles of ``GT`` whole
+groups (longer runs of each row per load), and :func:`gemv_h2_kernel` a last tile past the row:
 
 - :func:`gemv_kernel` (one activation row per program along grid axis 2): CUDA cores, float32
   accumulation. A field ``f`` of ``w`` bits becomes ``v = 1 + f / 2^w`` with one shift and one
@@ -15,6 +16,9 @@ size, or the group is the whole row), dequantize in registers and never write ``
   is exact in float32 and rounded once to the activation dtype. A 3-bit code is its 2-bit and 1-bit
   planes, dequantized as ``(lo - z) * s`` and ``4 * hi * s`` and multiplied by two dots, so the two
   planes never need the same register layout.
+- :func:`gemv_words_kernel` (``ASM``: its arithmetic in inline PTX, ``gemv_asm``) and
+  :func:`gemv_h2_kernel` (float16 activations at 2-4 bits, two codes per float16-pair instruction):
+  one-row GEMVs, see their section comments below. ``gemv_h2`` is the one-row default.
 
 Words are unpacked with a tree of ``tl.join`` (:func:`_tree`), which keeps each word's codes in the
 thread that loaded the word. ``SPLIT_K > 1`` splits K over a grid axis and adds partial results
@@ -650,7 +654,7 @@ def _h2_sum(h, ASM: tl.constexpr):
 def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
               MASK_K: tl.constexpr, ASM: tl.constexpr):
     """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for one plane's words [BLOCK_N, NW] (``s_w``:
-    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32)."""
+    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32; 0 for ``HI_PLANE``)."""
     PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
     PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
     NW: tl.constexpr = BK * WIDTH // 32
@@ -661,7 +665,7 @@ def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.con
         xs = tl.zeros([NW], dtype=tl.int32)
     else:
         h = tl.zeros(words.shape, dtype=tl.float32)
-        xs = tl.zeros([NW], dtype=tl.float32)
+        xs = tl.zeros([NW], dtype=tl.float32)  # stays 0 on the high plane, which carries no zero
     for i in tl.static_range(PAIRS):
         if MASK_K:
             xp = tl.load(x32 + pair0 + i, mask=(pair0 + i) * 2 < K, other=0)
@@ -671,10 +675,11 @@ def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.con
             h = _h2_step(words, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
         else:
             h = _h2_step(shifted, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
-        if i == 0 and ASM:
-            xs = xp
-        else:
-            xs = _h2_add(xs, xp, ASM)
+        if not HI_PLANE:
+            if i == 0 and ASM:
+                xs = xp
+            else:
+                xs = _h2_add(xs, xp, ASM)
     return acc + s_w * _h2_sum(h, ASM), _h2_sum(xs, ASM)
 
 
