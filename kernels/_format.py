@@ -7,16 +7,23 @@ per-channel). Symmetric grids are the same format with ``z = 2^(b-1)``.
 
 Storage (all row-major, one row per output channel):
 
-- ``qweight`` int32 ``[N, K_pad * b / 32]``: the codes at exactly ``b`` bits each. A code is split
-  into *bit planes* whose widths are powers of two (2 -> [2], 3 -> [2, 1], 4 -> [4], 8 -> [8]).
-  Plane ``p`` (width ``w_p``, ``P = 32 / w_p`` codes a word) packs bits ``[o_p, o_p + w_p)`` of
-  codes ``k`` into word ``k // P``, pairwise interleaved: code ``c = k % P`` sits in slot
-  ``c // 2 + (c % 2) * P / 2`` (bits ``slot * w_p`` on), so codes ``2i`` and ``2i + 1`` are 16 bits
-  apart and one mask-and-or turns them into a float16 pair (the kernels' ``f16x2`` dequantization).
-  The planes of a row follow one another (3-bit: ``K_pad / 16`` words of the low 2 bits, then
-  ``K_pad / 32`` words of the high bit). ``K_pad`` is ``K`` rounded up to a multiple of 128, so
-  that every row and plane starts on a 16-byte boundary; the padded codes are 0 and meet zero
-  activations in every kernel.
+- ``qweight`` int32 ``[N, K_pad * b / 32]``: the codes at exactly ``b`` bits each, pairwise
+  interleaved: codes ``2i`` and ``2i + 1`` always sit 16 bits apart in one word, so one
+  mask-and-or turns them into a float16 pair (the kernels' ``f16x2`` arithmetic).
+
+  - 2, 4 and 8 bits (``P = 32 / b`` codes a word): codes ``k`` go to word ``k // P``; code
+    ``c = k % P`` sits in slot ``c // 2 + (c % 2) * P / 2`` (bits ``slot * b`` on): even codes in
+    the low half-word, odd ones in the high.
+  - 3 bits, in *units* of 32 codes held by three words, one in each of three *planes* that follow
+    one another in the row (``K_pad / 32`` words each; unit ``u`` is word ``u`` of every plane).
+    Word ``p`` of a unit holds the code pairs ``j = 5p .. 5p + 4`` whole: pair ``j = 5p + i`` at
+    bits ``3i`` (code ``2j``) and ``16 + 3i`` (code ``2j + 1``). The last pair, codes 30 and 31,
+    is spread over the spare bits: bit ``p`` of code 30 is bit 15 of word ``p``, bit ``p`` of code
+    31 its bit 31. So every 3-bit field but two of 32 is whole in one word, and a one-row kernel
+    spends on a 3-bit code no more than on a 4-bit one (``_triton_kernels``, ``gemv_h2``).
+
+  ``K_pad`` is ``K`` rounded up to a multiple of 128, so that every row and plane starts on a
+  16-byte boundary; the padded codes are 0 and meet zero activations in every kernel.
 - ``scales`` float16 ``[N, G]`` with ``G = ceil(K / g)``, stored as given.
 - ``qzeros`` int32 ``[N, G_pad * b / 32]``: the zeros, packed like the codes (``G_pad`` is ``G``
   rounded up to a multiple of 32). Zeros are *not* pre-multiplied by the scales.
@@ -40,15 +47,12 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 #: The code and zero axes are padded to these multiples.
 K_MULTIPLE, G_MULTIPLE = 128, 32
 
-_PLANES = {2: ((2, 0),), 3: ((2, 0), (1, 2)), 4: ((4, 0),), 8: ((8, 0),)}
-
-
-def planes(bits: int) -> tuple[tuple[int, int], ...]:
-    """The ``(width, bit offset)`` of each bit plane of a ``bits``-bit code."""
-    try:
-        return _PLANES[bits]
-    except KeyError:
-        raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}") from None
+def planes(bits: int) -> int:
+    """How many planes (word arrays that follow one another in a row) hold ``bits``-bit codes:
+    three for 3 bits (see the module docstring), else one."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}")
+    return 3 if bits == 3 else 1
 
 
 def padded(length: int, multiple: int) -> int:

@@ -53,15 +53,19 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     if tuned is not None:
         return KernelConfig(**tuned)
     if m == 1:
-        # kernels/NOTES.md runs 6 and 9-11: long runs of each row per load win (16 rows x 1024 codes);
-        # 2-4 bits take the float16-pair kernel (gemv_asm for other activations), best unpipelined
-        # at 2 and 3 bits, pipelined at 4. Split K only when too few row tiles fill the GPU.
-        tiles = max(1, -(-n // 16))
+        if bits <= 4:
+            # kernels/NOTES.md runs 6 and 9-14: long runs of each row per load win; the float16-pair
+            # kernel does best on 8 rows x 4096 codes, unpipelined (every word of a program's rows
+            # is in flight at once). Split K only when too few row tiles fill the GPU.
+            bn, bk, stages = 8, 4096, 1
+        else:
+            bn, bk, stages = 16, 1024, 3  # gemv_asm (runs 6-11)
+        tiles = max(1, -(-n // bn))
         split = 1
-        while split < 8 and tiles * split < 264 and k // (1024 * split * 2) >= 1:
+        while split < 8 and tiles * split < 264 and k // (bk * split * 2) >= 1:
             split *= 2
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
-        return KernelConfig(kind, block_n=16, block_k=1024, split_k=split, num_stages=1 if bits < 4 else 3)
+        return KernelConfig(kind, block_n=bn, block_k=bk, split_k=split, num_stages=stages)
     if m <= 16:
         tiles = max(1, -(-n // 64))
         split = 1
@@ -137,6 +141,8 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     per_channel = group_size >= in_features
     if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
         cfg = dataclasses.replace(cfg, kind="gemv_asm")
+    if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
+        cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
                       multi_group=cfg.kind in ("gemv_words", "gemv_asm", "gemv_h2", "dot"), tail=cfg.kind == "gemv_h2")
     if bk is None:
@@ -164,7 +170,8 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
             asm = cfg.kind != "gemv_words" and x2.is_cuda
             if cfg.kind == "gemv_h2":
                 kern.gemv_h2_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile,
-                                          TAIL=k_pad % bk != 0, **common)
+                                          TAIL=k_pad % bk != 0, ZC=os.environ.get("HPSEARCH_H2_ZC", "0") == "1",
+                                          **common)
             else:
                 kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile, **common)
     elif cfg.kind == "dot":

@@ -1,4 +1,4 @@
-"""Pack and unpack: integer codes <-> the bit-plane words of :mod:`._format` (pure PyTorch)."""
+"""Pack and unpack: integer codes <-> the words of :mod:`._format` (pure PyTorch)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _code_order(per: int) -> list[int]:
 
 
 def pack_codes(codes: torch.Tensor, bits: int, multiple: int = 32) -> torch.Tensor:
-    """Pack ``[R, L]`` integer codes in ``[0, 2^bits)`` into int32 words, plane after plane.
+    """Pack ``[R, L]`` integer codes in ``[0, 2^bits)`` into int32 words (3 bits: plane after plane).
 
     Returns:
         int32 ``[R, padded(L, multiple) * bits // 32]``; codes past ``L`` are 0.
@@ -39,14 +39,43 @@ def _pack_rows(codes: torch.Tensor, bits: int, length: int, lp: int) -> torch.Te
     r = codes.shape[0]
     c = torch.zeros(r, lp, dtype=torch.int64, device=codes.device)
     c[:, :length] = codes
-    words = []
-    for width, offset in planes(bits):
-        per = 32 // width
-        field = ((c >> offset) & ((1 << width) - 1)).view(r, lp // per, per)[:, :, _slot_order(per)]
-        shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * width
-        words.append((field << shifts).sum(-1))  # disjoint bit fields: sum == or
-    w = torch.cat(words, dim=1)
+    if bits == 3:
+        w = _pack_units(c.view(r, lp // 32, 32))
+    else:
+        per = 32 // bits
+        field = c.view(r, lp // per, per)[:, :, _slot_order(per)]
+        shifts = torch.arange(per, device=codes.device, dtype=torch.int64) * bits
+        w = (field << shifts).sum(-1)  # disjoint bit fields: sum == or
     return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _unit_shifts(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per word ``p`` of a 3-bit unit: the codes of its 10 whole fields and their bit offsets."""
+    code = torch.tensor([[2 * (5 * p + i) + h for h in (0, 1) for i in range(5)] for p in range(3)], device=device)
+    shift = torch.tensor([[16 * h + 3 * i for h in (0, 1) for i in range(5)]] * 3, device=device, dtype=torch.int64)
+    return code, shift
+
+
+def _pack_units(units: torch.Tensor) -> torch.Tensor:
+    """int64 codes ``[R, U, 32]`` -> the three planes of words, int64 ``[R, 3 * U]`` (see ``_format``)."""
+    code, shift = _unit_shifts(units.device)
+    words = (units[:, :, code] << shift).sum(-1)  # [R, U, 3]: the whole fields
+    p = torch.arange(3, device=units.device)
+    words |= ((units[:, :, 30, None] >> p) & 1) << 15 | ((units[:, :, 31, None] >> p) & 1) << 31
+    return words.transpose(1, 2).reshape(units.shape[0], -1)
+
+
+def _unpack_units(w: torch.Tensor, lp: int) -> torch.Tensor:
+    """Inverse of :func:`_pack_units` on words ``[R, 3 * lp / 32]`` (int64, 32 bits): codes ``[R, lp]``."""
+    r, u = w.shape[0], lp // 32
+    words = w[:, :3 * u].view(r, 3, u).transpose(1, 2)  # [R, U, 3]
+    code, shift = _unit_shifts(w.device)
+    codes = torch.zeros(r, u, 32, dtype=torch.int64, device=w.device)
+    codes[:, :, code] = (words[:, :, :, None] >> shift) & 7
+    p = torch.arange(3, device=w.device)
+    codes[:, :, 30] = (((words >> 15) & 1) << p).sum(-1)
+    codes[:, :, 31] = (((words >> 31) & 1) << p).sum(-1)
+    return codes.reshape(r, lp)
 
 
 def unpack_codes(words: torch.Tensor, bits: int, length: int, multiple: int = 32) -> torch.Tensor:
@@ -54,15 +83,13 @@ def unpack_codes(words: torch.Tensor, bits: int, length: int, multiple: int = 32
     r = words.shape[0]
     lp = padded(length, multiple)
     w = words.to(torch.int64) & 0xFFFFFFFF
-    codes = torch.zeros(r, lp, dtype=torch.int64, device=words.device)
-    start = 0
-    for width, offset in planes(bits):
-        per = 32 // width
-        n_words = lp // per
-        shifts = torch.arange(per, device=words.device, dtype=torch.int64) * width
-        field = (w[:, start:start + n_words, None] >> shifts) & ((1 << width) - 1)
-        codes |= field[:, :, _code_order(per)].reshape(r, lp) << offset
-        start += n_words
+    if bits == 3:
+        codes = _unpack_units(w, lp)
+    else:
+        per = 32 // bits
+        shifts = torch.arange(per, device=words.device, dtype=torch.int64) * bits
+        field = (w[:, :lp // per, None] >> shifts) & ((1 << bits) - 1)
+        codes = field[:, :, _code_order(per)].reshape(r, lp)
     return codes[:, :length].to(torch.uint8)
 
 

@@ -7,21 +7,18 @@ groups (longer runs of each row per load), and :func:`gemv_h2_kernel` a last til
 - :func:`gemv_kernel` (one activation row per program along grid axis 2): CUDA cores, float32
   accumulation. A field ``f`` of ``w`` bits becomes ``v = 1 + f / 2^w`` with one shift and one
   masked or (``(f << (23 - w)) | 0x3F800000`` read as float32): no integer-to-float conversion.
-  Per tile, ``sum_k (q_k - z) s x_k = s * (sum_planes 2^(o + w) (sum_k v_k x_k - X) - z X)`` with
-  ``X = sum_k x_k`` and ``o`` the plane's bit offset.
+  Per tile, ``sum_k (q_k - z) s x_k = s * (2^w (sum_k v_k x_k - X) - z X)`` with ``X = sum_k x_k``.
 - :func:`dot_kernel` (several rows: decode with ``BLOCK_M = 16``, prefill with larger tiles): tensor
   cores on the transposed tile ``W_hat[BLOCK_N, BK] @ x[BLOCK_M, BK].T``, so that the dequantized
   weight is the left operand (it may stay in registers) and a small ``M`` costs no padding of the
   weight. A field becomes ``2^23 + f`` by ``f | 0x4B000000`` read as float32; ``(that - (2^23 + z)) * s``
-  is exact in float32 and rounded once to the activation dtype. A 3-bit code is its 2-bit and 1-bit
-  planes, dequantized as ``(lo - z) * s`` and ``4 * hi * s`` and multiplied by two dots, so the two
-  planes never need the same register layout.
+  is exact in float32 and rounded once to the activation dtype.
 - :func:`gemv_words_kernel` (``ASM``: its arithmetic in inline PTX, ``gemv_asm``) and
   :func:`gemv_h2_kernel` (float16 activations at 2-4 bits, two codes per float16-pair instruction):
   one-row GEMVs, see their section comments below. ``gemv_h2`` is the one-row default.
 
-Words are unpacked with a tree of ``tl.join`` (:func:`_tree`), which keeps each word's codes in the
-thread that loaded the word. ``SPLIT_K > 1`` splits K over a grid axis and adds partial results
+Words are unpacked with a tree of ``tl.join`` (:func:`_tree`; :func:`_unit_tree` for the three
+words of a 3-bit unit), which keeps each word's codes in the thread that loaded the word. ``SPLIT_K > 1`` splits K over a grid axis and adds partial results
 atomically into a zeroed output.
 """
 
@@ -60,6 +57,44 @@ def _plane_fields(ptrs, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.const
         t = tl.join(_tree(words, 0, 1, 2, WIDTH), _tree(words, HALF, 1, 2, WIDTH))
     else:
         t = tl.join(_tree(words, 0, 1, 1, WIDTH), _tree(words, HALF, 1, 1, WIDTH))
+    return tl.reshape(t, (BLOCK_N, BK))
+
+
+@triton.jit
+def _unit_code(w0, w1, w2, J: tl.constexpr, H: tl.constexpr):
+    """Code ``2J + H`` of every 3-bit unit whose three words are ``w0, w1, w2`` (see ``_format``)."""
+    if J < 15:
+        if J // 5 == 0:
+            w = w0
+        elif J // 5 == 1:
+            w = w1
+        else:
+            w = w2
+        return (w >> (16 * H + 3 * (J % 5))) & 7
+    else:  # codes 30 and 31: bit p in the spare bit of word p
+        b: tl.constexpr = 15 + 16 * H
+        return ((w0 >> b) & 1) | (((w1 >> b) & 1) << 1) | (((w2 >> b) & 1) << 2)
+
+
+@triton.jit
+def _unit_tree(w0, w1, w2, H: tl.constexpr, JLOW: tl.constexpr, NB: tl.constexpr):
+    """Codes ``2j + H`` for the pairs ``j`` whose low ``NB`` bits are ``JLOW``, joined in new minor
+    dims (the deepest join is the highest bit of ``j``)."""
+    if NB == 4:
+        return _unit_code(w0, w1, w2, JLOW, H)
+    else:
+        return tl.join(_unit_tree(w0, w1, w2, H, JLOW, NB + 1), _unit_tree(w0, w1, w2, H, JLOW + (1 << NB), NB + 1))
+
+
+@triton.jit
+def _unit_fields(ptrs, plane, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """Load the 3-bit units of a tile (``ptrs``: plane 0's words [BLOCK_N, BK // 32]; ``plane``:
+    words from one plane to the next): its codes in order, int32 [BLOCK_N, BK]. Each word's codes
+    stay in the thread that loaded it (a ``tl.join`` tree, as :func:`_plane_fields`)."""
+    w0 = tl.load(ptrs)
+    w1 = tl.load(ptrs + plane)
+    w2 = tl.load(ptrs + 2 * plane)
+    t = tl.join(_unit_tree(w0, w1, w2, 0, 0, 0), _unit_tree(w0, w1, w2, 1, 0, 0))
     return tl.reshape(t, (BLOCK_N, BK))
 
 
@@ -123,10 +158,16 @@ def _slot(c, PER: tl.constexpr):
 def _zero(qz_ptr, rows, grp, G_PAD, BITS: tl.constexpr):
     """Zero of group ``grp`` (a scalar) of every row: float32 [BLOCK_N]."""
     row = rows * (G_PAD * BITS // 32)
-    if BITS == 3:
-        lo = tl.load(qz_ptr + row + grp // 16)
-        hi = tl.load(qz_ptr + row + G_PAD // 16 + grp // 32)
-        z = ((lo >> (_slot(grp % 16, 16) * 2)) & 3) | (((hi >> _slot(grp % 32, 32)) & 1) << 2)
+    if BITS == 3:  # units of 32 zeros in three planes of G_PAD // 32 words (see ``_format``)
+        u = row + grp // 32
+        r = grp % 32
+        j = r // 2
+        h = r % 2
+        main = tl.load(qz_ptr + u + (j // 5) * (G_PAD // 32))
+        e = 15 + 16 * h  # zeros 30 and 31 of a unit: bit p in the spare bit of plane p's word
+        spare = ((tl.load(qz_ptr + u) >> e) & 1) | (((tl.load(qz_ptr + u + G_PAD // 32) >> e) & 1) << 1) \
+            | (((tl.load(qz_ptr + u + 2 * (G_PAD // 32)) >> e) & 1) << 2)
+        z = tl.where(r >= 30, spare, (main >> (16 * h + 3 * (j % 5))) & 7)
     else:
         words = tl.load(qz_ptr + row + grp // (32 // BITS))
         z = (words >> (_slot(grp % (32 // BITS), 32 // BITS) * BITS)) & ((1 << BITS) - 1)
@@ -147,10 +188,18 @@ def _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP: tl.constexpr, BITS: tl
 
 
 @triton.jit
-def _plane_sum(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
-    """``sum_k (1 + f_k / 2^WIDTH) * x_k`` over the tile, per row: float32 [BLOCK_N]."""
-    f = _plane_fields(ptrs, WIDTH, BLOCK_N, BK)
-    v = ((f << (23 - WIDTH)) | 0x3F800000).to(tl.float32, bitcast=True)
+def _tile_fields(ptrs, K_PAD, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr):
+    """The codes of a tile, int32 [BLOCK_N, BK] (``ptrs``: its words; plane 0's for 3 bits)."""
+    if BITS == 3:
+        return _unit_fields(ptrs, K_PAD // 32, BLOCK_N, BK)
+    else:
+        return _plane_fields(ptrs, BITS, BLOCK_N, BK)
+
+
+@triton.jit
+def _fields_sum(f, xk, BITS: tl.constexpr):
+    """``sum_k (1 + f_k / 2^BITS) * x_k`` over the tile, per row: float32 [BLOCK_N]."""
+    v = ((f << (23 - BITS)) | 0x3F800000).to(tl.float32, bitcast=True)
     return tl.sum(v * xk[None, :], axis=1)
 
 
@@ -159,21 +208,16 @@ def _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS: tl.constexpr, BLOCK_
                   BK: tl.constexpr):
     """What a GEMV program works on: its K split, its activation row, its weight rows (``rn``, and
     ``rows`` clamped to ``N - 1``: rows past N recompute row N-1 and are not stored), that row's
-    pointer, and the word pointers of its first tile (low plane; high plane for 3 bits, else the
-    low plane again)."""
+    pointer, and the word pointers of its first tile (for 3 bits, plane 0's: the others follow
+    ``K_PAD // 32`` words on)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.minimum(rn, N - 1).to(tl.int64)
     row_words = rows * (K_PAD * BITS // 32)
-    if BITS == 3:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
-        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
-    else:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
-        hi_ptrs = lo_ptrs
-    return pid_k, pid_m, rn, rows, x_ptr + pid_m * stride_xm, lo_ptrs, hi_ptrs
+    ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 1 if BITS == 3 else BITS, BK)
+    return pid_k, pid_m, rn, rows, x_ptr + pid_m * stride_xm, ptrs
 
 
 @triton.jit
@@ -210,31 +254,22 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     The K loop is software-pipelined ``NUM_STAGES`` deep (the word loads of later tiles are in
     flight, as asynchronous copies to shared memory, while a tile is unpacked).
     """
-    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
-                                                                    BLOCK_N, BK)
+    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
         xk = _x_tile(x_row, k0, K, BK, MASK_K)
         xsum = tl.sum(xk, axis=0)
-        if BITS == 3:
-            a = 4.0 * (_plane_sum(lo_ptrs, xk, 2, BLOCK_N, BK) - xsum)
-            a += 8.0 * (_plane_sum(hi_ptrs, xk, 1, BLOCK_N, BK) - xsum)
-            lo_ptrs += BK // 16 * SPLIT_K
-            hi_ptrs += BK // 32 * SPLIT_K
-        else:
-            a = (1 << BITS) * (_plane_sum(lo_ptrs, xk, BITS, BLOCK_N, BK) - xsum)
-            lo_ptrs += BK * BITS // 32 * SPLIT_K
+        a = (1 << BITS) * (_fields_sum(_tile_fields(ptrs, K_PAD, BITS, BLOCK_N, BK), xk, BITS) - xsum)
+        ptrs += BK * (1 if BITS == 3 else BITS) // 32 * SPLIT_K
         s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
         acc += s * (a - z * xsum)
     _gemv_store(acc, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
-def _dequant(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr, dtype,
-             UPCAST: tl.constexpr, GT: tl.constexpr):
-    """``(f - zoff) * s`` of one plane's fields, rounded to ``dtype``: [BLOCK_N, BK]. ``zoff``,
+def _dequant(f, zoff, s, BLOCK_N: tl.constexpr, BK: tl.constexpr, dtype, UPCAST: tl.constexpr, GT: tl.constexpr):
+    """``(f - zoff) * s`` of a tile's codes ``f``, rounded to ``dtype``: [BLOCK_N, BK]. ``zoff``,
     ``s``: [BLOCK_N, GT], per group of the tile."""
-    f = _plane_fields(ptrs, WIDTH, BLOCK_N, BK)
     f = (f | 0x4B000000).to(tl.float32, bitcast=True)  # 2^23 + f
     w = ((f - _per_word(zoff + 8388608.0, BLOCK_N, GT, BK // GT)) * _per_word(s, BLOCK_N, GT, BK // GT)).to(dtype)
     if UPCAST:
@@ -252,7 +287,8 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
 
     ``UPCAST`` multiplies float32 copies of the (rounded) operands: the Triton interpreter's
     ``tl.dot`` mishandles bfloat16. ``F16X2`` (float16 activations on a GPU; inline PTX, so not in
-    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``). A tile spans ``GT``
+    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``; not at 3 bits,
+    whose units are unpacked by :func:`_unit_fields`). A tile spans ``GT``
     groups (``BK = GT * GROUP``): longer contiguous runs of each weight row per load.
     """
     dtype = x_ptr.dtype.element_ty
@@ -265,12 +301,8 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     row_words = rows * (K_PAD * BITS // 32)
     x_ptrs = x_ptr + (tl.minimum(rm, M - 1).to(tl.int64) * stride_xm)[:, None] \
         + (pid_k * BK + tl.arange(0, BK))[None, :]
-    if BITS == 3:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 2, BK)
-        hi_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, K_PAD // 16, 1, BK)
-    else:
-        lo_ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, BITS, BK)
-        hi_ptrs = lo_ptrs
+    WIDTH: tl.constexpr = 1 if BITS == 3 else BITS  # 3 bits: the words of plane 0, see _unit_fields
+    ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, WIDTH, BK)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for k0 in range(pid_k * BK, K_PAD, BK * SPLIT_K):
         if MASK_K:
@@ -286,23 +318,12 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             z = z[:, None]
         else:
             s, z = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
-        if F16X2:
-            if BITS == 3:
-                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, 2, BLOCK_N, BK, GT), tl.trans(xt), acc)
-                acc = tl.dot(_dequant_f16x2(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, GT), tl.trans(xt), acc)
-                lo_ptrs += BK // 16 * SPLIT_K
-                hi_ptrs += BK // 32 * SPLIT_K
-            else:
-                acc = tl.dot(_dequant_f16x2(lo_ptrs, z, s, BITS, BLOCK_N, BK, GT), tl.trans(xt), acc)
-                lo_ptrs += BK * BITS // 32 * SPLIT_K
-        elif BITS == 3:
-            acc = tl.dot(_dequant(lo_ptrs, z, s, 2, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
-            acc = tl.dot(_dequant(hi_ptrs, z * 0.0, 4.0 * s, 1, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
-            lo_ptrs += BK // 16 * SPLIT_K
-            hi_ptrs += BK // 32 * SPLIT_K
+        if F16X2 and BITS != 3:
+            w = _dequant_f16x2(ptrs, z, s, BITS, BLOCK_N, BK, GT)
         else:
-            acc = tl.dot(_dequant(lo_ptrs, z, s, BITS, BLOCK_N, BK, dtype, UPCAST, GT), tl.trans(xt), acc)
-            lo_ptrs += BK * BITS // 32 * SPLIT_K
+            w = _dequant(_tile_fields(ptrs, K_PAD, BITS, BLOCK_N, BK), z, s, BLOCK_N, BK, dtype, UPCAST, GT)
+        acc = tl.dot(w, tl.trans(xt), acc)
+        ptrs += BK * WIDTH // 32 * SPLIT_K
     if HAS_BIAS:  # noqa: SIM102 - a compile-time branch around a run-time one
         if pid_k == 0:
             acc += tl.load(b_ptr + rows).to(tl.float32)[:, None]
@@ -415,52 +436,27 @@ def gemv_words_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     ``y_n = sum_w acc[n, w]`` at the end. A tile spans ``GT`` groups (``BK = GT * GROUP``): longer
     contiguous runs of each row per load than one group gives.
     """
-    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
-                                                                    BLOCK_N, BK)
-    if BITS == 3:
-        acc = tl.zeros([BLOCK_N, BK // 16], dtype=tl.float32)
-        acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_N, BK * BITS // 32], dtype=tl.float32)
-        acc_hi = acc
+    tl.static_assert(BITS != 3, "3-bit units have no in-place fields: the launcher runs gemv_kernel")
+    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK)
+    acc = tl.zeros([BLOCK_N, BK * BITS // 32], dtype=tl.float32)
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
         xk = _x_tile(x_row, k0, K, BK, MASK_K)
         if GT == 1:
             s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
-            s_lo = s[:, None]
-            sz_lo = (s * z)[:, None]
-            s_hi = s_lo
+            s_w = s[:, None]
+            sz_w = (s * z)[:, None]
         else:
             st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
-            if BITS == 3:
-                s_lo = _per_word(st, BLOCK_N, GT, BK // 16 // GT)
-                sz_lo = _per_word(st * zt, BLOCK_N, GT, BK // 16 // GT)
-                s_hi = _per_word(st, BLOCK_N, GT, BK // 32 // GT)
-            else:
-                s_lo = _per_word(st, BLOCK_N, GT, BK * BITS // 32 // GT)
-                sz_lo = _per_word(st * zt, BLOCK_N, GT, BK * BITS // 32 // GT)
-                s_hi = s_lo
-        if BITS == 3:
-            xw = tl.sum(tl.reshape(xk, (BK // 16, 16)), axis=1)
-            if ASM:
-                lo_sums = _word_sums_asm(lo_ptrs, xk, 2, BLOCK_N, BK)
-            else:
-                lo_sums = _word_sums(lo_ptrs, xk, 2, BLOCK_N, BK)
-            acc += s_lo * lo_sums - sz_lo * xw[None, :]
-            acc_hi += (4.0 * s_hi) * _word_sums(hi_ptrs, xk, 1, BLOCK_N, BK)
-            lo_ptrs += BK // 16 * SPLIT_K
-            hi_ptrs += BK // 32 * SPLIT_K
+            s_w = _per_word(st, BLOCK_N, GT, BK * BITS // 32 // GT)
+            sz_w = _per_word(st * zt, BLOCK_N, GT, BK * BITS // 32 // GT)
+        xw = tl.sum(tl.reshape(xk, (BK * BITS // 32, 32 // BITS)), axis=1)
+        if ASM:
+            sums = _word_sums_asm(ptrs, xk, BITS, BLOCK_N, BK)
         else:
-            xw = tl.sum(tl.reshape(xk, (BK * BITS // 32, 32 // BITS)), axis=1)
-            if ASM:
-                sums = _word_sums_asm(lo_ptrs, xk, BITS, BLOCK_N, BK)
-            else:
-                sums = _word_sums(lo_ptrs, xk, BITS, BLOCK_N, BK)
-            acc += s_lo * sums - sz_lo * xw[None, :]
-            lo_ptrs += BK * BITS // 32 * SPLIT_K
+            sums = _word_sums(ptrs, xk, BITS, BLOCK_N, BK)
+        acc += s_w * sums - sz_w * xw[None, :]
+        ptrs += BK * BITS // 32 * SPLIT_K
     out = tl.sum(acc, axis=1)
-    if BITS == 3:
-        out += tl.sum(acc_hi, axis=1)
     _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
 
 
@@ -574,10 +570,14 @@ def _word_sums_asm(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.
 # ``-1024 * 2^-(width*i)`` gives both fields exactly, and one ``fma.f16x2`` multiplies by the
 # activation pair (activations are read as int32: ``x[2p], x[2p+1]`` is already a float16 pair, in
 # the codes' order) and adds. A word's pairs accumulate in float16 (4 products a lane at 4 bits, 8
-# at 2, 16 for the 1-bit plane of 3 bits) and leave through float32, where the group scale is
-# applied; the zero enters per word in float32, ``- s z sum_w x`` (the activation sums are shared by
-# a thread's rows). Every constant is an immediate: nothing is computed per word but the arithmetic (about 2.1 instructions per code at
-# 4 bits against 4.9). Float16 partial sums cost accuracy: ~5e-4 relative against the float32
+# at 2, 5 or 6 in a word of a 3-bit unit) and leave through float32, where the group scale is
+# applied; the zero enters per word (per unit at 3 bits) in float32, ``- s z sum_w x`` (the
+# activation sums are shared by a thread's rows). Every constant is an immediate: nothing is
+# computed per word but the arithmetic (about 2.1 instructions per code at 4 bits against 4.9).
+# 3-bit units (``_format``) keep 15 of their 16 pairs whole in one word (fields at bits 0, 3, 6,
+# then 0 and 3 of the word shifted down 9), so a 3-bit code costs what a 4-bit one does; the pair
+# spread over the three words' spare bits takes 7 instructions (``_h2_spare``). kernels/NOTES.md,
+# run 14: the earlier 2-bit + 1-bit planes cost twice the instructions of 4 bits. Float16 partial sums cost accuracy: ~5e-4 relative against the float32
 # reference (tests: 2e-3), and a word's partial sum overflows past 65504, i.e. with activations
 # beyond ~1000 on every code of a word. Float16 activations only (bfloat16 pairs have too few
 # mantissa bits for the trick) and 2, 3 and 4 bits (8-bit codes times x overflow sooner).
@@ -594,24 +594,30 @@ def _h2_half(v, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _h2_step(src, xp, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, ASM: tl.constexpr):
-    """``h + f * x`` for pair ``I`` of every word (``src``: the words, or the words shifted down a byte
-    for ``I >= 8 / WIDTH``; ``f`` the pair's fields, times 4 on the high plane of 3 bits).
+def _h2_step(src, xp, h, J: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr,
+             cz, ZC: tl.constexpr):
+    """``h + f * x`` for the pair of fields ``J`` of every word ``src`` (fields ``J`` at bits
+    ``WIDTH * J`` and ``16 + WIDTH * J``; the caller shifts the words down for fields past bit 9);
+    ``FIRST``: ``h`` is not read (it starts the sum). ``ZC``: ``(f - z) * x`` instead, ``cz`` per
+    word the float16 pair ``-1024 * 2^-(WIDTH*J) - z`` (``_h2_centre``; the zero ``z`` in the
+    interpreter), the recovering FMA's addend, so the zero costs nothing.
 
     ``ASM``: float16 pairs in PTX, ``h`` an int32 float16 pair. Otherwise (the interpreter) the same
     bit manipulation with float32 arithmetic, ``h`` float32 (both halves summed).
     """
-    J: tl.constexpr = I % (8 // WIDTH)
     MASK: tl.constexpr = ((1 << WIDTH) - 1) * 65537 << (WIDTH * J)
-    E: tl.constexpr = 2 * HI_PLANE - WIDTH * J  # the field is read times 2^-(WIDTH*J); times 4 on the high plane
+    E: tl.constexpr = -WIDTH * J  # the field is read times 2^-(WIDTH*J)
     M_BITS: tl.constexpr = ((15 + E) << 10) * 65537  # 2^E, a float16 pair
     C_BITS: tl.constexpr = (((25 + E) << 10) | 0x8000) * 65537  # -1024 * 2^E, a float16 pair
     if ASM:
         # the constants go in as operands and come back as immediates (ptxas folds them)
         mask = tl.full(src.shape, MASK, tl.int32)
         mb = tl.full(src.shape, M_BITS, tl.int32)
-        cb = tl.full(src.shape, C_BITS, tl.int32)
-        if I == 0:
+        if ZC:
+            cb = cz
+        else:
+            cb = tl.full(src.shape, C_BITS, tl.int32)
+        if FIRST:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
                 "mul.rn.f16x2 $0, v, $5; }",
@@ -626,7 +632,24 @@ def _h2_step(src, xp, h, I: tl.constexpr, WIDTH: tl.constexpr, HI_PLANE: tl.cons
         v = (src & MASK) | 0x64006400
         lo = _h2_half(v, False) * M_F - 1024.0 * M_F
         hi = _h2_half(v, True) * M_F - 1024.0 * M_F
+        if ZC:
+            lo -= cz
+            hi -= cz
         return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
+
+
+@triton.jit
+def _h2_centre(zt, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, WPG: tl.constexpr,
+               ASM: tl.constexpr):
+    """Per word, the float16 pair ``OFFSET - z`` (``zt``: float32 zeros [BLOCK_N, GT]); the zeros
+    themselves (float32) in the interpreter. The conversion is opaque (not pure) so that it runs
+    once per group: Triton would otherwise sink it past the broadcast to every word (run 8)."""
+    if ASM:
+        c = tl.inline_asm_elementwise("{ .reg .f16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }", "=r,f",
+                                      [OFFSET - zt], dtype=tl.int32, is_pure=False, pack=1)
+        return _per_word(c, BLOCK_N, GT, WPG)
+    else:
+        return _per_word(zt, BLOCK_N, GT, WPG)
 
 
 @triton.jit
@@ -651,10 +674,12 @@ def _h2_sum(h, ASM: tl.constexpr):
 
 
 @triton.jit
-def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.constexpr, BK: tl.constexpr,
-              MASK_K: tl.constexpr, ASM: tl.constexpr):
-    """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for one plane's words [BLOCK_N, NW] (``s_w``:
-    the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32; 0 for ``HI_PLANE``)."""
+def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, BK: tl.constexpr, MASK_K: tl.constexpr,
+              ASM: tl.constexpr, c0, c1, c2, c3, ZC: tl.constexpr):
+    """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for the words [BLOCK_N, NW] of a 2- or 4-bit
+    tile (``s_w``: the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32).
+    ``ZC``: ``f - z`` instead of ``f`` (``c0..c3``: the centring pairs of fields 0-3, see
+    ``_h2_step``), and no activation sums (0)."""
     PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
     PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
     NW: tl.constexpr = BK * WIDTH // 32
@@ -665,22 +690,121 @@ def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, HI_PLANE: tl.con
         xs = tl.zeros([NW], dtype=tl.int32)
     else:
         h = tl.zeros(words.shape, dtype=tl.float32)
-        xs = tl.zeros([NW], dtype=tl.float32)  # stays 0 on the high plane, which carries no zero
+        xs = tl.zeros([NW], dtype=tl.float32)
     for i in tl.static_range(PAIRS):
-        if MASK_K:
-            xp = tl.load(x32 + pair0 + i, mask=(pair0 + i) * 2 < K, other=0)
+        xp = _x_pair(x32, pair0 + i, K, MASK_K)
+        J: tl.constexpr = i % PER
+        if J == 0:
+            cz = c0
+        elif J == 1:
+            cz = c1
+        elif J == 2:
+            cz = c2
         else:
-            xp = tl.load(x32 + pair0 + i)
+            cz = c3
         if i < PER:
-            h = _h2_step(words, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
+            h = _h2_step(words, xp[None, :], h, J, i == 0, WIDTH, ASM, cz, ZC)
         else:
-            h = _h2_step(shifted, xp[None, :], h, i, WIDTH, HI_PLANE, ASM)
-        if not HI_PLANE:
-            if i == 0 and ASM:
-                xs = xp
-            else:
-                xs = _h2_add(xs, xp, ASM)
+            h = _h2_step(shifted, xp[None, :], h, J, i == 0, WIDTH, ASM, cz, ZC)
+        if not ZC:
+            xs = _h2_xsum(xs, xp, i == 0, ASM)
     return acc + s_w * _h2_sum(h, ASM), _h2_sum(xs, ASM)
+
+
+@triton.jit
+def _x_pair(x32, pair, K, MASK_K: tl.constexpr):
+    """Activation pairs ``pair`` (int32 index: ``x[2 pair], x[2 pair + 1]``), zero past ``K``."""
+    if MASK_K:
+        return tl.load(x32 + pair, mask=pair * 2 < K, other=0)
+    else:
+        return tl.load(x32 + pair)
+
+
+@triton.jit
+def _h2_xsum(xs, xp, FIRST: tl.constexpr, ASM: tl.constexpr):
+    """Running sum of activation pairs (float16 pairs; float32 in the interpreter)."""
+    if FIRST and ASM:
+        return xp
+    else:
+        return _h2_add(xs, xp, ASM)
+
+
+@triton.jit
+def _h2_unit_word(w, x32, pair0, P: tl.constexpr, K, MASK_K: tl.constexpr, ASM: tl.constexpr, c0, c1, c2,
+                  ZC: tl.constexpr):
+    """Word ``P`` of 3-bit units [BLOCK_N, NU]: ``sum f x`` over its five whole pairs ``5P + i``
+    (float16 pair, or float32 in the interpreter), and the sum of their activation pairs [NU]."""
+    shifted = w >> 9  # fields 3 and 4 (bits 9-14) down to 0-5: 1024 + f * 2^(3j) must stay below 2048
+    if ASM:
+        h = tl.zeros(w.shape, dtype=tl.int32)
+        xs = tl.zeros([w.shape[1]], dtype=tl.int32)
+    else:
+        h = tl.zeros(w.shape, dtype=tl.float32)
+        xs = tl.zeros([w.shape[1]], dtype=tl.float32)
+    for i in tl.static_range(5):
+        xp = _x_pair(x32, pair0 + 5 * P + i, K, MASK_K)
+        if i == 0:
+            h = _h2_step(w, xp[None, :], h, 0, True, 3, ASM, c0, ZC)
+        elif i == 1:
+            h = _h2_step(w, xp[None, :], h, 1, False, 3, ASM, c1, ZC)
+        elif i == 2:
+            h = _h2_step(w, xp[None, :], h, 2, False, 3, ASM, c2, ZC)
+        elif i == 3:
+            h = _h2_step(shifted, xp[None, :], h, 0, False, 3, ASM, c0, ZC)
+        else:
+            h = _h2_step(shifted, xp[None, :], h, 1, False, 3, ASM, c1, ZC)
+        if not ZC:
+            xs = _h2_xsum(xs, xp, i == 0, ASM)
+    return h, xs
+
+
+@triton.jit
+def _h2_spare(s0, s1, s2, xp, h, ASM: tl.constexpr, csp, ZC: tl.constexpr):
+    """``h + f * x`` for codes 30 and 31 of 3-bit units, whose bit ``p`` is bit 6 (and 22) of
+    ``s_p``, word ``p`` shifted down 9. Three LOP3s make ``1024 + 64 b_p`` pairs; three
+    ``fma.f16x2`` give ``b_0 + 2 b_1 + 4 b_2`` exactly (every partial value is a small integer:
+    ``4 b_2 - 48``, ``+ 2 b_1 + 32 - 64``... see the constants); one more multiplies by ``x``.
+    ``ZC``: ``csp`` (the pair ``-112 - z``; ``z`` in the interpreter) replaces ``-112``: ``f - z``."""
+    if ASM:
+        mask = tl.full(s0.shape, 0x00400040, tl.int32)
+        c16 = tl.full(s0.shape, 0x2C002C00, tl.int32)  # 1/16
+        if ZC:
+            c112 = csp
+        else:
+            c112 = tl.full(s0.shape, -687810816, tl.int32)  # -112 (0xD700D700)
+        c32 = tl.full(s0.shape, 0x28002800, tl.int32)  # 1/32
+        c64 = tl.full(s0.shape, 0x24002400, tl.int32)  # 1/64
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, c, t; lop3.b32 a, $1, $4, 0x64006400, 0xEA; lop3.b32 b, $2, $4, 0x64006400, 0xEA; "
+            "lop3.b32 c, $3, $4, 0x64006400, 0xEA; fma.rn.f16x2 t, c, $5, $6; fma.rn.f16x2 t, b, $7, t; "
+            "fma.rn.f16x2 t, a, $8, t; fma.rn.f16x2 $0, t, $9, $10; }",
+            "=r,r,r,r,r,r,r,r,r,r,r", [s0, s1, s2, mask, c16, c112, c32, c64, xp, h], dtype=tl.int32,
+            is_pure=True, pack=1)
+    else:
+        lo = (((s0 >> 6) & 1) | (((s1 >> 6) & 1) << 1) | (((s2 >> 6) & 1) << 2)).to(tl.float32)
+        hi = (((s0 >> 22) & 1) | (((s1 >> 22) & 1) << 1) | (((s2 >> 22) & 1) << 2)).to(tl.float32)
+        if ZC:
+            lo -= csp
+            hi -= csp
+        return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
+
+
+@triton.jit
+def _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK: tl.constexpr, MASK_K: tl.constexpr, ASM: tl.constexpr,
+              c0, c1, c2, c3, ZC: tl.constexpr):
+    """``_h2_plane`` for 3-bit units (words ``w0, w1, w2`` [BLOCK_N, BK // 32] of the three planes):
+    ``acc[n, u] + s * sum_{c in unit u} f_c x_c`` and ``sum_{c in unit u} x_c`` [BK // 32]
+    (``ZC``: ``f - z``, ``c3`` the spare pair's constant)."""
+    pair0 = k0 // 2 + tl.arange(0, BK // 32) * 16  # a unit's first activation pair
+    h0, xs0 = _h2_unit_word(w0, x32, pair0, 0, K, MASK_K, ASM, c0, c1, c2, ZC)
+    h1, xs1 = _h2_unit_word(w1, x32, pair0, 1, K, MASK_K, ASM, c0, c1, c2, ZC)
+    h2, xs2 = _h2_unit_word(w2, x32, pair0, 2, K, MASK_K, ASM, c0, c1, c2, ZC)
+    xp = _x_pair(x32, pair0 + 15, K, MASK_K)
+    h2 = _h2_spare(w0 >> 9, w1 >> 9, w2 >> 9, xp[None, :], h2, ASM, c3, ZC)
+    # each word's pairs leave float16 on their own (at most 6 products a lane, fewer than a 2-bit
+    # word's 8); the activation sums too (shared by a thread's rows)
+    xs = _h2_sum(xs0, ASM) + _h2_sum(xs1, ASM) + _h2_sum(xs2, ASM) + (_h2_half(xp, False) + _h2_half(xp, True))
+    return acc + s_w * (_h2_sum(h0, ASM) + _h2_sum(h1, ASM) + _h2_sum(h2, ASM)), xs
 
 
 @triton.jit
@@ -700,21 +824,18 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                    N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False):
+                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False,
+                   ZC: tl.constexpr = False):
     """Same contract and grid as :func:`gemv_kernel` for float16 activations (even ``K``, rows
     4-byte aligned) and 2, 3 or 4 bits; see the section comment. ``ASM`` (CUDA only) runs the pairs
     in PTX; the interpreter runs the same bit manipulation in float32. ``TAIL``: ``BK`` does not
     divide ``K_PAD``, the last tile's words past the row are masked (``MASK_K`` must be set too).
     """
-    pid_k, pid_m, rn, rows, x_row, lo_ptrs, hi_ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS,
-                                                                    BLOCK_N, BK)
+    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK)
     x32 = x_row.to(tl.pointer_type(tl.int32))
-    LO: tl.constexpr = 2 if BITS == 3 else BITS
-    acc = tl.zeros([BLOCK_N, BK * LO // 32], dtype=tl.float32)
-    if BITS == 3:
-        acc_hi = tl.zeros([BLOCK_N, BK // 32], dtype=tl.float32)
-    else:
-        acc_hi = acc
+    WIDTH: tl.constexpr = 1 if BITS == 3 else BITS  # 3 bits: a unit of 32 codes per word of each plane
+    NW: tl.constexpr = BK * WIDTH // 32
+    acc = tl.zeros([BLOCK_N, NW], dtype=tl.float32)
     for k0 in tl.range(pid_k * BK, K_PAD, BK * SPLIT_K, num_stages=NUM_STAGES):
         if GT == 1:
             s, z = _scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS)
@@ -723,19 +844,28 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         else:
             # no select per word: past K the activation pairs are zero (masked loads)
             st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT, False)
-        WPG: tl.constexpr = BK * LO // 32 // GT
-        words = _h2_words(lo_ptrs, k0, K_PAD, LO, BK, TAIL)
-        acc, xw = _h2_plane(words, x32, k0, _per_word(st, BLOCK_N, GT, WPG), acc, K, LO, False, BK, MASK_K, ASM)
-        # the zero, per word: - s z sum_{c in w} x_c (the high plane of 3 bits has none)
-        acc -= _per_word(st * zt, BLOCK_N, GT, WPG) * xw[None, :]
-        lo_ptrs += BK * LO // 32 * SPLIT_K
-        if BITS == 3:  # the high bit plane: 4 * hi * x, no zero (kernels/NOTES.md run 10: one pair for
-            # both planes, with the high word gathered per low word, measured slower)
-            words = _h2_words(hi_ptrs, k0, K_PAD, 1, BK, TAIL)
-            acc_hi, _ = _h2_plane(words, x32, k0, _per_word(st, BLOCK_N, GT, BK // 32 // GT), acc_hi, K, 1, True, BK,
-                                  MASK_K, ASM)
-            hi_ptrs += BK // 32 * SPLIT_K
+        s_w = _per_word(st, BLOCK_N, GT, NW // GT)
+        if ZC:  # the zero inside the pairs: -1024 * 2^-(width * j) - z per field j (3 bits: -112 - z too)
+            W: tl.constexpr = BITS
+            c0 = _h2_centre(zt, -1024.0, BLOCK_N, GT, NW // GT, ASM)
+            c1 = _h2_centre(zt, -1024.0 / (1 << W), BLOCK_N, GT, NW // GT, ASM)
+            c2 = _h2_centre(zt, -1024.0 / (1 << (2 * W)), BLOCK_N, GT, NW // GT, ASM)
+            c3 = _h2_centre(zt, -112.0 if W == 3 else -1024.0 / (1 << (3 * W)), BLOCK_N, GT, NW // GT, ASM)
+        else:
+            c0 = s_w
+            c1 = s_w
+            c2 = s_w
+            c3 = s_w
+        if BITS == 3:
+            w0 = _h2_words(ptrs, k0, K_PAD, 1, BK, TAIL)
+            w1 = _h2_words(ptrs + K_PAD // 32, k0, K_PAD, 1, BK, TAIL)
+            w2 = _h2_words(ptrs + 2 * (K_PAD // 32), k0, K_PAD, 1, BK, TAIL)
+            acc, xw = _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK, MASK_K, ASM, c0, c1, c2, c3, ZC)
+        else:
+            words = _h2_words(ptrs, k0, K_PAD, BITS, BK, TAIL)
+            acc, xw = _h2_plane(words, x32, k0, s_w, acc, K, BITS, BK, MASK_K, ASM, c0, c1, c2, c3, ZC)
+        if not ZC:  # the zero, per word (per unit at 3 bits): - s z sum_{c in w} x_c
+            acc -= _per_word(st * zt, BLOCK_N, GT, NW // GT) * xw[None, :]
+        ptrs += NW * SPLIT_K
     out = tl.sum(acc, axis=1)
-    if BITS == 3:
-        out += tl.sum(acc_hi, axis=1)
     _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)

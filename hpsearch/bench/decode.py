@@ -1,7 +1,7 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
 ``python -m hpsearch.bench decode [--layers 32] [--context 256] [--tokens 64] [--repeats 5]
-[--bits 4] [--group-size 128] [--compile]``
+[--bits 4] [--group-size 128] [--compile] [--inductor-pdl on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
 32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
@@ -10,6 +10,8 @@ CUDA graph, by hand (default) or by ``torch.compile(mode="reduce-overhead")`` (`
 also fuses the small elementwise kernels). After a prompt of ``--context`` tokens and warm-up,
 tokens/s is the median over ``--repeats`` of ``--tokens`` graph replays timed with CUDA events,
 each repeat decoding positions ``context .. context + tokens`` again (the cache is rewound).
+``--inductor-pdl on`` lets Inductor's own kernels use programmatic dependent launch (both models
+alike; kernels/NOTES.md run 13); ``--profile`` prints the packed step's kernels by GPU time.
 The packed model then replaces every decoder-block linear by a
 :class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings and the LM head stay
 float16) and is timed the same way.
@@ -93,7 +95,8 @@ def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int =
     return count
 
 
-def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool) -> dict[str, float]:
+def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool,
+                 profile: bool = False) -> dict[str, float]:
     """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step."""
     from transformers import StaticCache
 
@@ -144,8 +147,33 @@ def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, comp
             end.synchronize()
             if i:
                 samples.append(start.elapsed_time(end) / 1e3 / tokens)
+        if profile:
+            rewind()
+            _print_profile(run_step, tokens)
     s = statistics.median(samples)
     return {"tok_s": 1.0 / s, "ms_per_token": s * 1e3}
+
+
+def _set_inductor_pdl(on: bool) -> bool:
+    """Ask Inductor for programmatic dependent launch (where this torch has it); whether it is on."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config.triton, "enable_pdl") or torch.cuda.get_device_capability()[0] < 9:
+        return False
+    inductor_config.triton.enable_pdl = on
+    return on
+
+
+def _print_profile(run_step, tokens: int) -> None:
+    """The kernels of ``tokens`` steps by total GPU time (stderr): where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(tokens):
+            run_step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70),
+          file=sys.stderr)
 
 
 def _weight_bytes_per_token(model: nn.Module) -> int:
@@ -168,9 +196,14 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--compile", action="store_true", help='torch.compile(mode="reduce-overhead") the step')
+    p.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
+                   help="with --compile: Inductor's kernels use programmatic dependent launch (sm_90+; "
+                        "both models alike)")
+    p.add_argument("--profile", action="store_true", help="also print the packed step's kernels by total time")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
+    inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     model = build_model(a.layers)
@@ -180,13 +213,14 @@ def run(args: list[str]) -> dict[str, Any]:
     print(f"fp16: {fp16}", file=sys.stderr)
     n_packed = pack_block_linears(model, a.bits, a.group_size)
     torch._dynamo.reset()
-    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile)
+    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
     packed_bytes = _weight_bytes_per_token(model)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
+        "inductor_pdl": inductor_pdl,
         "layers": a.layers,
         "context": a.context,
         "fp16_tok_s": round(fp16["tok_s"], 1),

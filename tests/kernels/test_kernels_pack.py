@@ -43,21 +43,31 @@ def test_three_bit_padding_stays_small_on_llama_shapes():
     assert w.nbytes() / exact < 1.005
 
 
-def test_planes_layout_is_documented_one():
-    """3-bit: low 2 bits (16 codes a word), then the high bit (32 a word); in each word, code c
-    sits in slot c // 2 + (c % 2) * P / 2 (even codes in the low half-word, odd in the high)."""
-    codes = torch.arange(128).remainder(8).reshape(1, 128)
+def test_three_bit_units_are_the_documented_layout():
+    """3-bit: three planes of K / 32 words; word p of unit u holds code pairs 5p..5p+4 whole (pair
+    5p+i at bits 3i and 16+3i), and bit p of codes 30 and 31 at its bits 15 and 31."""
+    codes = torch.randint(0, 8, (2, 128), generator=torch.Generator().manual_seed(3))
     words = pack_codes(codes, 3, 128)
-    assert words.shape == (1, 12)
-
-    def slot(c, per):
-        return c // 2 + (c % 2) * (per // 2)
-
-    lo = [(int(words[0, 0]) >> (2 * slot(c, 16))) & 3 for c in range(16)]
-    assert lo == [c & 3 for c in range(16)]
-    hi = [(int(words[0, 8]) >> slot(c, 32)) & 1 for c in range(32)]
-    assert hi == [(c % 8) >> 2 for c in range(32)]
+    assert words.shape == (2, 12)
+    for row in range(2):
+        for u in range(4):
+            unit = codes[row, 32 * u:32 * u + 32].tolist()
+            for p in range(3):
+                w = int(words[row, 4 * p + u]) & 0xFFFFFFFF
+                for i in range(5):
+                    j = 5 * p + i
+                    assert (w >> (3 * i)) & 7 == unit[2 * j] and (w >> (16 + 3 * i)) & 7 == unit[2 * j + 1]
+                assert (w >> 15) & 1 == (unit[30] >> p) & 1 and (w >> 31) & 1 == (unit[31] >> p) & 1
     assert torch.equal(unpack_codes(words, 3, 128, 128), codes.to(torch.uint8))
+
+
+def test_pairs_sit_sixteen_bits_apart():
+    """2, 4, 8 bits: code c of a word in slot c // 2 + (c % 2) * P / 2 (even codes low, odd high)."""
+    for bits in (2, 4, 8):
+        per = 32 // bits
+        codes = torch.arange(per).remainder(2**bits).reshape(1, per)
+        w = int(pack_codes(codes, bits, per)[0, 0]) & 0xFFFFFFFF
+        assert [(w >> (bits * (c // 2 + (c % 2) * per // 2))) & (2**bits - 1) for c in range(per)] == codes[0].tolist()
 
 
 @pytest.mark.parametrize("bad", [
