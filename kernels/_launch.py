@@ -170,8 +170,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
             asm = cfg.kind != "gemv_words" and x2.is_cuda
             if cfg.kind == "gemv_h2":
                 kern.gemv_h2_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile,
-                                          TAIL=k_pad % bk != 0, ZC=os.environ.get("HPSEARCH_H2_ZC", "0") == "1",
-                                          **common)
+                                          TAIL=k_pad % bk != 0, **common)
             else:
                 kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile, **common)
     elif cfg.kind == "dot":

@@ -594,13 +594,10 @@ def _h2_half(v, HIGH: tl.constexpr):
 
 
 @triton.jit
-def _h2_step(src, xp, h, J: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr,
-             cz, ZC: tl.constexpr):
+def _h2_step(src, xp, h, J: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constexpr, ASM: tl.constexpr):
     """``h + f * x`` for the pair of fields ``J`` of every word ``src`` (fields ``J`` at bits
     ``WIDTH * J`` and ``16 + WIDTH * J``; the caller shifts the words down for fields past bit 9);
-    ``FIRST``: ``h`` is not read (it starts the sum). ``ZC``: ``(f - z) * x`` instead, ``cz`` per
-    word the float16 pair ``-1024 * 2^-(WIDTH*J) - z`` (``_h2_centre``; the zero ``z`` in the
-    interpreter), the recovering FMA's addend, so the zero costs nothing.
+    ``FIRST``: ``h`` is not read (it starts the sum).
 
     ``ASM``: float16 pairs in PTX, ``h`` an int32 float16 pair. Otherwise (the interpreter) the same
     bit manipulation with float32 arithmetic, ``h`` float32 (both halves summed).
@@ -613,10 +610,7 @@ def _h2_step(src, xp, h, J: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constex
         # the constants go in as operands and come back as immediates (ptxas folds them)
         mask = tl.full(src.shape, MASK, tl.int32)
         mb = tl.full(src.shape, M_BITS, tl.int32)
-        if ZC:
-            cb = cz
-        else:
-            cb = tl.full(src.shape, C_BITS, tl.int32)
+        cb = tl.full(src.shape, C_BITS, tl.int32)
         if FIRST:
             return tl.inline_asm_elementwise(
                 "{ .reg .b32 v; lop3.b32 v, $1, $2, 0x64006400, 0xEA; fma.rn.f16x2 v, v, $3, $4; "
@@ -632,24 +626,7 @@ def _h2_step(src, xp, h, J: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constex
         v = (src & MASK) | 0x64006400
         lo = _h2_half(v, False) * M_F - 1024.0 * M_F
         hi = _h2_half(v, True) * M_F - 1024.0 * M_F
-        if ZC:
-            lo -= cz
-            hi -= cz
         return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
-
-
-@triton.jit
-def _h2_centre(zt, OFFSET: tl.constexpr, BLOCK_N: tl.constexpr, GT: tl.constexpr, WPG: tl.constexpr,
-               ASM: tl.constexpr):
-    """Per word, the float16 pair ``OFFSET - z`` (``zt``: float32 zeros [BLOCK_N, GT]); the zeros
-    themselves (float32) in the interpreter. The conversion is opaque (not pure) so that it runs
-    once per group: Triton would otherwise sink it past the broadcast to every word (run 8)."""
-    if ASM:
-        c = tl.inline_asm_elementwise("{ .reg .f16 h; cvt.rn.f16.f32 h, $1; mov.b32 $0, {h, h}; }", "=r,f",
-                                      [OFFSET - zt], dtype=tl.int32, is_pure=False, pack=1)
-        return _per_word(c, BLOCK_N, GT, WPG)
-    else:
-        return _per_word(zt, BLOCK_N, GT, WPG)
 
 
 @triton.jit
@@ -675,11 +652,9 @@ def _h2_sum(h, ASM: tl.constexpr):
 
 @triton.jit
 def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, BK: tl.constexpr, MASK_K: tl.constexpr,
-              ASM: tl.constexpr, c0, c1, c2, c3, ZC: tl.constexpr):
+              ASM: tl.constexpr):
     """``acc[n, w] + s * sum_{c in word w} f_c x_c`` for the words [BLOCK_N, NW] of a 2- or 4-bit
-    tile (``s_w``: the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32).
-    ``ZC``: ``f - z`` instead of ``f`` (``c0..c3``: the centring pairs of fields 0-3, see
-    ``_h2_step``), and no activation sums (0)."""
+    tile (``s_w``: the scale of each word's group), and ``sum_{c in word w} x_c`` [NW] (float32)."""
     PAIRS: tl.constexpr = 16 // WIDTH  # code pairs a word
     PER: tl.constexpr = 8 // WIDTH  # pairs a byte shift: fields past bit 9 would overflow 1024 + f
     NW: tl.constexpr = BK * WIDTH // 32
@@ -693,21 +668,11 @@ def _h2_plane(words, x32, k0, s_w, acc, K, WIDTH: tl.constexpr, BK: tl.constexpr
         xs = tl.zeros([NW], dtype=tl.float32)
     for i in tl.static_range(PAIRS):
         xp = _x_pair(x32, pair0 + i, K, MASK_K)
-        J: tl.constexpr = i % PER
-        if J == 0:
-            cz = c0
-        elif J == 1:
-            cz = c1
-        elif J == 2:
-            cz = c2
-        else:
-            cz = c3
         if i < PER:
-            h = _h2_step(words, xp[None, :], h, J, i == 0, WIDTH, ASM, cz, ZC)
+            h = _h2_step(words, xp[None, :], h, i % PER, i == 0, WIDTH, ASM)
         else:
-            h = _h2_step(shifted, xp[None, :], h, J, i == 0, WIDTH, ASM, cz, ZC)
-        if not ZC:
-            xs = _h2_xsum(xs, xp, i == 0, ASM)
+            h = _h2_step(shifted, xp[None, :], h, i % PER, i == 0, WIDTH, ASM)
+        xs = _h2_xsum(xs, xp, i == 0, ASM)
     return acc + s_w * _h2_sum(h, ASM), _h2_sum(xs, ASM)
 
 
@@ -730,8 +695,7 @@ def _h2_xsum(xs, xp, FIRST: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _h2_unit_word(w, x32, pair0, P: tl.constexpr, K, MASK_K: tl.constexpr, ASM: tl.constexpr, c0, c1, c2,
-                  ZC: tl.constexpr):
+def _h2_unit_word(w, x32, pair0, P: tl.constexpr, K, MASK_K: tl.constexpr, ASM: tl.constexpr):
     """Word ``P`` of 3-bit units [BLOCK_N, NU]: ``sum f x`` over its five whole pairs ``5P + i``
     (float16 pair, or float32 in the interpreter), and the sum of their activation pairs [NU]."""
     shifted = w >> 9  # fields 3 and 4 (bits 9-14) down to 0-5: 1024 + f * 2^(3j) must stay below 2048
@@ -743,35 +707,24 @@ def _h2_unit_word(w, x32, pair0, P: tl.constexpr, K, MASK_K: tl.constexpr, ASM: 
         xs = tl.zeros([w.shape[1]], dtype=tl.float32)
     for i in tl.static_range(5):
         xp = _x_pair(x32, pair0 + 5 * P + i, K, MASK_K)
-        if i == 0:
-            h = _h2_step(w, xp[None, :], h, 0, True, 3, ASM, c0, ZC)
-        elif i == 1:
-            h = _h2_step(w, xp[None, :], h, 1, False, 3, ASM, c1, ZC)
-        elif i == 2:
-            h = _h2_step(w, xp[None, :], h, 2, False, 3, ASM, c2, ZC)
-        elif i == 3:
-            h = _h2_step(shifted, xp[None, :], h, 0, False, 3, ASM, c0, ZC)
+        if i < 3:
+            h = _h2_step(w, xp[None, :], h, i, i == 0, 3, ASM)
         else:
-            h = _h2_step(shifted, xp[None, :], h, 1, False, 3, ASM, c1, ZC)
-        if not ZC:
-            xs = _h2_xsum(xs, xp, i == 0, ASM)
+            h = _h2_step(shifted, xp[None, :], h, i - 3, False, 3, ASM)
+        xs = _h2_xsum(xs, xp, i == 0, ASM)
     return h, xs
 
 
 @triton.jit
-def _h2_spare(s0, s1, s2, xp, h, ASM: tl.constexpr, csp, ZC: tl.constexpr):
+def _h2_spare(s0, s1, s2, xp, h, ASM: tl.constexpr):
     """``h + f * x`` for codes 30 and 31 of 3-bit units, whose bit ``p`` is bit 6 (and 22) of
     ``s_p``, word ``p`` shifted down 9. Three LOP3s make ``1024 + 64 b_p`` pairs; three
     ``fma.f16x2`` give ``b_0 + 2 b_1 + 4 b_2`` exactly (every partial value is a small integer:
-    ``4 b_2 - 48``, ``+ 2 b_1 + 32 - 64``... see the constants); one more multiplies by ``x``.
-    ``ZC``: ``csp`` (the pair ``-112 - z``; ``z`` in the interpreter) replaces ``-112``: ``f - z``."""
+    ``4 b_2 - 48``, ``+ 2 b_1 + 32 - 64``... see the constants); one more multiplies by ``x``."""
     if ASM:
         mask = tl.full(s0.shape, 0x00400040, tl.int32)
         c16 = tl.full(s0.shape, 0x2C002C00, tl.int32)  # 1/16
-        if ZC:
-            c112 = csp
-        else:
-            c112 = tl.full(s0.shape, -687810816, tl.int32)  # -112 (0xD700D700)
+        c112 = tl.full(s0.shape, -687810816, tl.int32)  # -112 (0xD700D700)
         c32 = tl.full(s0.shape, 0x28002800, tl.int32)  # 1/32
         c64 = tl.full(s0.shape, 0x24002400, tl.int32)  # 1/64
         return tl.inline_asm_elementwise(
@@ -783,24 +736,19 @@ def _h2_spare(s0, s1, s2, xp, h, ASM: tl.constexpr, csp, ZC: tl.constexpr):
     else:
         lo = (((s0 >> 6) & 1) | (((s1 >> 6) & 1) << 1) | (((s2 >> 6) & 1) << 2)).to(tl.float32)
         hi = (((s0 >> 22) & 1) | (((s1 >> 22) & 1) << 1) | (((s2 >> 22) & 1) << 2)).to(tl.float32)
-        if ZC:
-            lo -= csp
-            hi -= csp
         return h + lo * _h2_half(xp, False) + hi * _h2_half(xp, True)
 
 
 @triton.jit
-def _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK: tl.constexpr, MASK_K: tl.constexpr, ASM: tl.constexpr,
-              c0, c1, c2, c3, ZC: tl.constexpr):
+def _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK: tl.constexpr, MASK_K: tl.constexpr, ASM: tl.constexpr):
     """``_h2_plane`` for 3-bit units (words ``w0, w1, w2`` [BLOCK_N, BK // 32] of the three planes):
-    ``acc[n, u] + s * sum_{c in unit u} f_c x_c`` and ``sum_{c in unit u} x_c`` [BK // 32]
-    (``ZC``: ``f - z``, ``c3`` the spare pair's constant)."""
+    ``acc[n, u] + s * sum_{c in unit u} f_c x_c`` and ``sum_{c in unit u} x_c`` [BK // 32]."""
     pair0 = k0 // 2 + tl.arange(0, BK // 32) * 16  # a unit's first activation pair
-    h0, xs0 = _h2_unit_word(w0, x32, pair0, 0, K, MASK_K, ASM, c0, c1, c2, ZC)
-    h1, xs1 = _h2_unit_word(w1, x32, pair0, 1, K, MASK_K, ASM, c0, c1, c2, ZC)
-    h2, xs2 = _h2_unit_word(w2, x32, pair0, 2, K, MASK_K, ASM, c0, c1, c2, ZC)
+    h0, xs0 = _h2_unit_word(w0, x32, pair0, 0, K, MASK_K, ASM)
+    h1, xs1 = _h2_unit_word(w1, x32, pair0, 1, K, MASK_K, ASM)
+    h2, xs2 = _h2_unit_word(w2, x32, pair0, 2, K, MASK_K, ASM)
     xp = _x_pair(x32, pair0 + 15, K, MASK_K)
-    h2 = _h2_spare(w0 >> 9, w1 >> 9, w2 >> 9, xp[None, :], h2, ASM, c3, ZC)
+    h2 = _h2_spare(w0 >> 9, w1 >> 9, w2 >> 9, xp[None, :], h2, ASM)
     # each word's pairs leave float16 on their own (at most 6 products a lane, fewer than a 2-bit
     # word's 8); the activation sums too (shared by a thread's rows)
     xs = _h2_sum(xs0, ASM) + _h2_sum(xs1, ASM) + _h2_sum(xs2, ASM) + (_h2_half(xp, False) + _h2_half(xp, True))
@@ -824,8 +772,7 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                    N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False,
-                   ZC: tl.constexpr = False):
+                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False):
     """Same contract and grid as :func:`gemv_kernel` for float16 activations (even ``K``, rows
     4-byte aligned) and 2, 3 or 4 bits; see the section comment. ``ASM`` (CUDA only) runs the pairs
     in PTX; the interpreter runs the same bit manipulation in float32. ``TAIL``: ``BK`` does not
@@ -845,27 +792,16 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             # no select per word: past K the activation pairs are zero (masked loads)
             st, zt = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT, False)
         s_w = _per_word(st, BLOCK_N, GT, NW // GT)
-        if ZC:  # the zero inside the pairs: -1024 * 2^-(width * j) - z per field j (3 bits: -112 - z too)
-            W: tl.constexpr = BITS
-            c0 = _h2_centre(zt, -1024.0, BLOCK_N, GT, NW // GT, ASM)
-            c1 = _h2_centre(zt, -1024.0 / (1 << W), BLOCK_N, GT, NW // GT, ASM)
-            c2 = _h2_centre(zt, -1024.0 / (1 << (2 * W)), BLOCK_N, GT, NW // GT, ASM)
-            c3 = _h2_centre(zt, -112.0 if W == 3 else -1024.0 / (1 << (3 * W)), BLOCK_N, GT, NW // GT, ASM)
-        else:
-            c0 = s_w
-            c1 = s_w
-            c2 = s_w
-            c3 = s_w
         if BITS == 3:
             w0 = _h2_words(ptrs, k0, K_PAD, 1, BK, TAIL)
             w1 = _h2_words(ptrs + K_PAD // 32, k0, K_PAD, 1, BK, TAIL)
             w2 = _h2_words(ptrs + 2 * (K_PAD // 32), k0, K_PAD, 1, BK, TAIL)
-            acc, xw = _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK, MASK_K, ASM, c0, c1, c2, c3, ZC)
+            acc, xw = _h2_units(w0, w1, w2, x32, k0, s_w, acc, K, BK, MASK_K, ASM)
         else:
             words = _h2_words(ptrs, k0, K_PAD, BITS, BK, TAIL)
-            acc, xw = _h2_plane(words, x32, k0, s_w, acc, K, BITS, BK, MASK_K, ASM, c0, c1, c2, c3, ZC)
-        if not ZC:  # the zero, per word (per unit at 3 bits): - s z sum_{c in w} x_c
-            acc -= _per_word(st * zt, BLOCK_N, GT, NW // GT) * xw[None, :]
+            acc, xw = _h2_plane(words, x32, k0, s_w, acc, K, BITS, BK, MASK_K, ASM)
+        # the zero, per word (per unit at 3 bits): - s z sum_{c in w} x_c
+        acc -= _per_word(st * zt, BLOCK_N, GT, NW // GT) * xw[None, :]
         ptrs += NW * SPLIT_K
     out = tl.sum(acc, axis=1)
     _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
