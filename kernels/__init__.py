@@ -16,7 +16,7 @@ packed model is built from:
 """
 
 from ._format import SUPPORTED_BITS, PackedWeight
-from ._launch import KernelConfig, choose_config, packed_matmul, triton_enabled
+from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, triton_enabled
 from ._linear import PackedLinear
 from ._pack import pack, unpack
 from ._reference import dequantize, matmul_reference
@@ -28,6 +28,7 @@ __all__ = [
     "PackedWeight",
     "choose_config",
     "dequantize",
+    "fingerprint",
     "matmul_reference",
     "pack",
     "packed_matmul",

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded
 from ._reference import matmul_reference
 
-__all__ = ["KernelConfig", "choose_config", "packed_matmul", "triton_enabled"]
+__all__ = ["KernelConfig", "choose_config", "fingerprint", "packed_matmul", "triton_enabled"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,25 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     if m <= 64:
         return KernelConfig("dot", block_n=128, block_k=128, block_m=64, num_warps=4, num_stages=3)
     return KernelConfig("dot", block_n=128, block_k=64, block_m=128, num_warps=8, num_stages=3)
+
+
+@functools.cache
+def fingerprint() -> str:
+    """A short hash of what decides how fast a packed layer runs: the format's and kernels' source,
+    the tile table in use and Triton's version. Timings cached under it (the measured-latency
+    objective's) go stale, and are measured again, when any of these change."""
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py"):
+        h.update((here / name).read_bytes())
+    h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
+    try:
+        import triton
+
+        h.update(triton.__version__.encode())
+    except ImportError:
+        pass
+    return h.hexdigest()[:12]
 
 
 @functools.cache

@@ -72,6 +72,9 @@ class LayerTimer:
     def __init__(self, cache_file: Path | None, inner: int = 20, repeats: int = 15) -> None:
         self.cache_file, self.inner, self.repeats = cache_file, inner, repeats
         self.device_name = torch.cuda.get_device_name()
+        # timings go stale with the software that ran them: torch (cuBLAS, attention), and for packed
+        # layers the kernels and their tile table (``hpsearch.kernels.fingerprint``)
+        self.build = f"torch{torch.__version__}"
         self.times: dict[str, Any] = {}  # layer key -> microseconds; remainder key -> its record
         if cache_file is not None and cache_file.exists():
             self.times = json.loads(cache_file.read_text())
@@ -84,7 +87,13 @@ class LayerTimer:
             os.replace(tmp, self.cache_file)
 
     def layer_us(self, n: int, k: int, fmt: str, m: int, dtype: torch.dtype = torch.float16) -> float:
-        key = f"{self.device_name}|{n}x{k}|{fmt}|m{m}|{str(dtype).split('.')[-1]}"
+        if fmt.startswith("packed"):
+            from hpsearch.kernels import fingerprint
+
+            fmt_key = f"{fmt}@{fingerprint()}"
+        else:
+            fmt_key = fmt
+        key = f"{self.device_name}|{self.build}|{n}x{k}|{fmt_key}|m{m}|{str(dtype).split('.')[-1]}"
         if key not in self.times:
             self.times[key] = self._measure(n, k, fmt, m, dtype)
             self._save()
@@ -136,7 +145,7 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
 
     Returns (microseconds, how it was measured).
     """
-    key = (f"{timer.device_name}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}"
+    key = (f"{timer.device_name}|{timer.build}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}"
            f"|q{new_tokens}|{str(dtype).split('.')[-1]}")
     if key in timer.times:
         entry = timer.times[key]

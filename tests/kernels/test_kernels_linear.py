@@ -57,3 +57,23 @@ def test_torch_compile_fullgraph_captures_the_op():
 def test_bad_group_size_is_refused():
     with pytest.raises(ValueError, match="group_size"):
         PackedLinear(96, 8, bits=4, group_size=64)
+
+
+def test_fingerprint_names_the_tile_table_in_use(tmp_path, monkeypatch):
+    """Cached layer timings are keyed by it: another tile table must give another fingerprint."""
+    from hpsearch.kernels import _launch, fingerprint
+
+    base = fingerprint()
+    assert len(base) == 12 and int(base, 16) >= 0 and fingerprint() == base
+    table = tmp_path / "tuned.json"
+    table.write_text('{"1:4096x4096:4": {"kind": "gemv_h2", "block_n": 8, "block_k": 2048}}')
+    monkeypatch.setenv("HPSEARCH_KERNEL_TUNING", str(table))
+    _launch._tuned_table.cache_clear()
+    _launch.fingerprint.cache_clear()
+    try:
+        assert fingerprint() != base
+    finally:
+        monkeypatch.delenv("HPSEARCH_KERNEL_TUNING")
+        _launch._tuned_table.cache_clear()
+        _launch.fingerprint.cache_clear()
+    assert fingerprint() == base
