@@ -142,6 +142,52 @@ def _dequant_f16x2(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK
 
 
 @triton.jit
+def _unit_pair(w0, w1, w2, J: tl.constexpr):
+    """Codes ``2J`` and ``2J + 1`` of 3-bit units as one int32, in bits 0-2 and 16-18."""
+    if J < 15:
+        if J // 5 == 0:
+            w = w0
+        elif J // 5 == 1:
+            w = w1
+        else:
+            w = w2
+        return (w >> (3 * (J % 5))) & 0x00070007
+    else:  # the spare bits 15 and 31 of the three words
+        return ((w0 >> 15) & 0x00010001) | ((w1 >> 14) & 0x00020002) | ((w2 >> 13) & 0x00040004)
+
+
+@triton.jit
+def _unit_pairs(w0, w1, w2, zz2, s2, JLOW: tl.constexpr, NB: tl.constexpr):
+    """``_pairs`` for 3-bit units: float16 ``(q - z) * s`` of the even and of the odd codes of the
+    pairs ``j`` whose low ``NB`` bits are ``JLOW``, as two trees (see :func:`_unit_tree`)."""
+    if NB == 4:
+        h = _unit_pair(w0, w1, w2, JLOW) | 0x64006400
+        a, b = tl.inline_asm_elementwise(
+            "{ .reg .b32 r; sub.f16x2 r, $2, $3; mul.rn.f16x2 r, r, $4; mov.b32 {$0, $1}, r; }",
+            "=h,=h,r,r,r", [h, zz2, s2], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        return a, b
+    else:
+        a0, b0 = _unit_pairs(w0, w1, w2, zz2, s2, JLOW, NB + 1)
+        a1, b1 = _unit_pairs(w0, w1, w2, zz2, s2, JLOW + (1 << NB), NB + 1)
+        return tl.join(a0, a1), tl.join(b0, b1)
+
+
+@triton.jit
+def _dequant_units_f16x2(ptrs, plane, zoff, s, BLOCK_N: tl.constexpr, BK: tl.constexpr, GT: tl.constexpr):
+    """:func:`_dequant_f16x2` for 3-bit units (``ptrs``: plane 0's words; ``plane``: words from one
+    plane to the next): ``(q - zoff) * s`` in float16, [BLOCK_N, BK] in code order."""
+    w0 = tl.load(ptrs)
+    w1 = tl.load(ptrs + plane)
+    w2 = tl.load(ptrs + 2 * plane)
+    zb = (zoff + 1024.0).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    sb = s.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    zz2 = _per_word(zb | (zb << 16), BLOCK_N, GT, BK // 32 // GT)
+    s2 = _per_word(sb | (sb << 16), BLOCK_N, GT, BK // 32 // GT)
+    a, b = _unit_pairs(w0, w1, w2, zz2, s2, 0, 0)
+    return tl.reshape(tl.join(a, b), (BLOCK_N, BK))
+
+
+@triton.jit
 def _plane_ptrs(qw_ptr, rows, k0, plane_off, WIDTH: tl.constexpr, BK: tl.constexpr):
     """Pointers [BLOCK_N, BK * WIDTH // 32] to the words of codes ``[k0, k0 + BK)`` of one plane."""
     base = tl.multiple_of(rows + plane_off, 4)  # the format starts rows and planes on 16 bytes
@@ -287,8 +333,8 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
 
     ``UPCAST`` multiplies float32 copies of the (rounded) operands: the Triton interpreter's
     ``tl.dot`` mishandles bfloat16. ``F16X2`` (float16 activations on a GPU; inline PTX, so not in
-    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``; not at 3 bits,
-    whose units are unpacked by :func:`_unit_fields`). A tile spans ``GT``
+    the interpreter) dequantizes two codes per instruction (``_dequant_f16x2``;
+    ``_dequant_units_f16x2`` at 3 bits). A tile spans ``GT``
     groups (``BK = GT * GROUP``): longer contiguous runs of each weight row per load.
     """
     dtype = x_ptr.dtype.element_ty
@@ -318,7 +364,9 @@ def dot_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
             z = z[:, None]
         else:
             s, z = _tile_scale_zero(s_ptr, qz_ptr, rows, k0, G, G_PAD, GROUP, BITS, GT)
-        if F16X2 and BITS != 3:
+        if F16X2 and BITS == 3:
+            w = _dequant_units_f16x2(ptrs, K_PAD // 32, z, s, BLOCK_N, BK, GT)
+        elif F16X2:
             w = _dequant_f16x2(ptrs, z, s, BITS, BLOCK_N, BK, GT)
         else:
             w = _dequant(_tile_fields(ptrs, K_PAD, BITS, BLOCK_N, BK), z, s, BLOCK_N, BK, dtype, UPCAST, GT)
