@@ -61,8 +61,8 @@ def _plane_fields(ptrs, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.const
 
 
 @triton.jit
-def _unit_code(w0, w1, w2, J: tl.constexpr, H: tl.constexpr):
-    """Code ``2J + H`` of every 3-bit unit whose three words are ``w0, w1, w2`` (see ``_format``)."""
+def _unit_pair(w0, w1, w2, J: tl.constexpr):
+    """Codes ``2J`` and ``2J + 1`` of 3-bit units as one int32, in bits 0-2 and 16-18."""
     if J < 15:
         if J // 5 == 0:
             w = w0
@@ -70,10 +70,15 @@ def _unit_code(w0, w1, w2, J: tl.constexpr, H: tl.constexpr):
             w = w1
         else:
             w = w2
-        return (w >> (16 * H + 3 * (J % 5))) & 7
-    else:  # codes 30 and 31: bit p in the spare bit of word p
-        b: tl.constexpr = 15 + 16 * H
-        return ((w0 >> b) & 1) | (((w1 >> b) & 1) << 1) | (((w2 >> b) & 1) << 2)
+        return (w >> (3 * (J % 5))) & 0x00070007
+    else:  # the spare bits 15 and 31 of the three words
+        return ((w0 >> 15) & 0x00010001) | ((w1 >> 14) & 0x00020002) | ((w2 >> 13) & 0x00040004)
+
+
+@triton.jit
+def _unit_code(w0, w1, w2, J: tl.constexpr, H: tl.constexpr):
+    """Code ``2J + H`` of every 3-bit unit whose three words are ``w0, w1, w2`` (see ``_format``)."""
+    return (_unit_pair(w0, w1, w2, J) >> (16 * H)) & 7
 
 
 @triton.jit
@@ -139,21 +144,6 @@ def _dequant_f16x2(ptrs, zoff, s, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK
     else:
         a, b = _pairs(words, zz2, s2, 0, 1, 1, WIDTH)
     return tl.reshape(tl.join(a, b), (BLOCK_N, BK))
-
-
-@triton.jit
-def _unit_pair(w0, w1, w2, J: tl.constexpr):
-    """Codes ``2J`` and ``2J + 1`` of 3-bit units as one int32, in bits 0-2 and 16-18."""
-    if J < 15:
-        if J // 5 == 0:
-            w = w0
-        elif J // 5 == 1:
-            w = w1
-        else:
-            w = w2
-        return (w >> (3 * (J % 5))) & 0x00070007
-    else:  # the spare bits 15 and 31 of the three words
-        return ((w0 >> 15) & 0x00010001) | ((w1 >> 14) & 0x00020002) | ((w2 >> 13) & 0x00040004)
 
 
 @triton.jit
