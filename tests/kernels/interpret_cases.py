@@ -35,6 +35,8 @@ CASES = [
         (33, 256, 64, 1, "gemv_h2", 1, "bfloat16", False),
         (20, 1376, 32, 1, "gemv_h2-bk256", 2, "float16", True),  # 43 groups: a last tile past K
         (20, 352, 32, 1, "gemv_h2-bk256", 1, "float16", False),
+        (12, 1024, 32, 1, "gemv", 1, "float16", False),  # 32 groups: zeros 30 and 31 of a 3-bit unit
+        (12, 1024, 32, 3, "dot", 1, "bfloat16", False),
         (40, 96, 32, 6, "dot-bk128", 1, "float16", True),
         (33, 512, 64, 9, "dot-bk256", 2, "bfloat16", False),
     ]
