@@ -13,6 +13,9 @@ packed model is built from:
     layer = PackedLinear.from_quantized(q, s, z, bits=4, group_size=128, bias=None)
     y = layer(x)          # x: [..., K] float16 / bfloat16 on the layer's device
     layer.nbytes()        # exact storage bytes
+
+:func:`fuse_packed_siblings` then runs the packed layers that read one input (q/k/v, gate/up) as
+one kernel launch each, without touching the model's code.
 """
 
 from ._format import SUPPORTED_BITS, PackedWeight
@@ -20,15 +23,19 @@ from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, tr
 from ._linear import PackedLinear
 from ._pack import pack, unpack
 from ._reference import dequantize, matmul_reference
+from ._siblings import PackedSibling, PackedSiblings, fuse_packed_siblings
 
 __all__ = [
     "SUPPORTED_BITS",
     "KernelConfig",
     "PackedLinear",
+    "PackedSibling",
+    "PackedSiblings",
     "PackedWeight",
     "choose_config",
     "dequantize",
     "fingerprint",
+    "fuse_packed_siblings",
     "matmul_reference",
     "pack",
     "packed_matmul",

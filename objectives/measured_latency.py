@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hpsearch.kernels._siblings import runs
 from hpsearch.objectives.base import EvalContext, Objective
 from hpsearch.objectives.latency import decode_seconds, prefill_seconds
 from hpsearch.objectives.profiles import get_profile
@@ -237,6 +238,7 @@ class MeasuredLatency(Objective):
         self.cache_file = Path(cache_file) if cache_file else root / "latency.json"
         self.inner, self.repeats = inner, repeats
         self._timer: LayerTimer | None = None
+        self._siblings: list[list[str]] | None = None  # linears handed one input (q/k/v, gate/up)
 
     def _roofline_ms(self, ctx: EvalContext, batch: int, context: int, new_tokens: int) -> float:
         if new_tokens > 1:
@@ -284,11 +286,36 @@ class MeasuredLatency(Objective):
         remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context, dtype,
                                        new_tokens)
         rows = batch * new_tokens
-        linears = 0.0
-        for li in ctx.structure.linears:
-            record = ctx.manifest.layers[li.name]
-            linears += timer.layer_us(li.out_features, li.in_features, layer_format(record), rows, dtype)
+        info = {li.name: li for li in ctx.structure.linears}
+        records = ctx.manifest.layers
+        fmt = {name: layer_format(records[name]) for name in info}
+
+        def fusable(a: str, b: str) -> bool:  # as hpsearch.kernels.can_fuse will judge the packed layers
+            return (fmt[a] == fmt[b] and fmt[a].startswith("packed") and info[a].in_features == info[b].in_features
+                    and not records[a].get("in_scale") and not records[b].get("in_scale"))
+
+        linears, fused = 0.0, set()
+        for group in self._sibling_groups(base, ctx.structure.vocab_size):
+            # packed siblings of one format run as one launch (hpsearch.kernels.fuse_packed_siblings)
+            for run in runs([n for n in group if n in info], fusable):
+                if len(run) > 1:
+                    first = info[run[0]]
+                    linears += timer.layer_us(sum(info[n].out_features for n in run), first.in_features, fmt[first.name],
+                                              rows, dtype)
+                    fused.update(run)
+        for name, li in info.items():
+            if name not in fused:
+                linears += timer.layer_us(li.out_features, li.in_features, fmt[name], rows, dtype)
         return (remainder + linears) / 1e3, linears, remainder, how
+
+    def _sibling_groups(self, base: nn.Module, vocab_size: int) -> list[list[str]]:
+        """The linears of ``base`` that one forward pass hands the same input (found once)."""
+        if self._siblings is None:
+            from hpsearch.kernels._siblings import shared_input_groups
+
+            ids = torch.randint(0, vocab_size, (1, 4), device=next(base.parameters()).device)
+            self._siblings = [g for g in shared_input_groups(base, nn.Linear, input_ids=ids) if len(g) > 1]
+        return self._siblings
 
 
 def _label(batch: int, context: int, new_tokens: int) -> str:

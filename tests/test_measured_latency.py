@@ -100,3 +100,43 @@ def test_rewound_static_cache_replays_the_same_decode_step():
         full = model(input_ids=ids).logits[:, -1:]
     for out in outs:
         torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
+
+
+def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
+    """q/k/v and gate/up of one packed format are timed as the one layer they run as; a sibling of
+    another format, and dense layers, are timed alone."""
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.objectives import measured_latency as ml
+    from hpsearch.structure import structure_of
+
+    model = AutoModelForCausalLM.from_config(small_config("llama", 128)).eval()
+    s = structure_of(model)
+    manifest = Manifest.for_structure("x", s)
+    for li in s.block_linears():
+        manifest.update_layer(li.name, bits=4, group_size=32)
+    manifest.update_layer("model.layers.1.self_attn.k_proj", bits=3, group_size=32)  # breaks q/k/v of block 1
+    calls = []
+
+    class Timer:
+        device_name = "fake"
+
+        def layer_us(self, n, k, fmt, m, dtype):
+            calls.append((n, k, fmt))
+            return 1.0
+
+    monkeypatch.setattr(ml, "_remainder_us", lambda *a, **k: (0.0, "fake"))
+    objective = MeasuredLatency(context=64)
+    objective._timer = Timer()
+    ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
+    ms, linears, _, _ = objective._measure_ms(ctx, model, 1, 64, 1)
+    q, k = s.linear("model.layers.0.self_attn.q_proj"), s.linear("model.layers.0.self_attn.k_proj")
+    gate = s.linear("model.layers.0.mlp.gate_proj")
+    assert calls.count((q.out_features + 2 * k.out_features, q.in_features, "packed4g32")) == 1  # block 0's q/k/v
+    assert calls.count((2 * gate.out_features, gate.in_features, "packed4g32")) == 2  # gate/up of both blocks
+    # block 1: k alone at 3 bits, q and v alone at 4; q has o_proj's shape (two of those)
+    assert (k.out_features, k.in_features, "packed3g32") in calls
+    assert calls.count((k.out_features, k.in_features, "packed4g32")) == 1
+    assert calls.count((q.out_features, q.in_features, "packed4g32")) == 3
+    # every linear timed once, a fused run as one: 15 linears, block 0's q/k/v and both gate/ups fused
+    assert len(calls) == len(s.linears) - 2 - 1 - 1 and linears == len(calls) and ms == linears / 1e3

@@ -1,7 +1,8 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
 ``python -m hpsearch.bench decode [--layers 32] [--context 256] [--tokens 64] [--repeats 5]
-[--bits 4] [--group-size 128] [--compile] [--inductor-pdl on|off] [--profile]``
+[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate] [--attention auto|cudnn|efficient|math]
+[--inductor-pdl on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
 32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
@@ -10,11 +11,14 @@ CUDA graph, by hand (default) or by ``torch.compile(mode="reduce-overhead")`` (`
 also fuses the small elementwise kernels). After a prompt of ``--context`` tokens and warm-up,
 tokens/s is the median over ``--repeats`` of ``--tokens`` graph replays timed with CUDA events,
 each repeat decoding positions ``context .. context + tokens`` again (the cache is rewound).
+``--attention`` picks the SDPA backend of both models (``auto``: PyTorch's choice).
 ``--inductor-pdl on`` lets Inductor's own kernels use programmatic dependent launch (both models
 alike; kernels/NOTES.md run 13); ``--profile`` prints the packed step's kernels by GPU time.
 The packed model then replaces every decoder-block linear by a
 :class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings and the LM head stay
-float16) and is timed the same way.
+float16) and is timed the same way; with ``--siblings fused`` (the default) the packed layers that
+read one input (q/k/v, gate/up) then run as one launch each
+(:func:`hpsearch.kernels.fuse_packed_siblings`), as the measured-latency objective times them.
 
 ``fp16_bw_fraction`` is the float16 model's achieved bandwidth (bytes of weights read per token,
 all but the embedding table, over the time per token) as a fraction of
@@ -199,11 +203,20 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
                    help="with --compile: Inductor's kernels use programmatic dependent launch (sm_90+; "
                         "both models alike)")
+    p.add_argument("--siblings", choices=("fused", "separate"), default="fused",
+                   help="packed layers that read one input (q/k/v, gate/up) as one launch, or one each")
+    p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math"), default="auto",
+                   help="the SDPA backend both models use (auto: PyTorch's choice)")
     p.add_argument("--profile", action="store_true", help="also print the packed step's kernels by total time")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
     inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
+    if a.attention != "auto":  # only the chosen SDPA backend may run
+        torch.backends.cuda.enable_cudnn_sdp(a.attention == "cudnn")
+        torch.backends.cuda.enable_mem_efficient_sdp(a.attention == "efficient")
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_math_sdp(a.attention == "math")
     torch.manual_seed(0)
     bw = copy_bandwidth()
     model = build_model(a.layers)
@@ -212,6 +225,11 @@ def run(args: list[str]) -> dict[str, Any]:
     fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
     print(f"fp16: {fp16}", file=sys.stderr)
     n_packed = pack_block_linears(model, a.bits, a.group_size)
+    fused = []
+    if a.siblings == "fused":
+        from hpsearch.kernels import fuse_packed_siblings
+
+        fused = fuse_packed_siblings(model, input_ids=torch.randint(0, model.config.vocab_size, (1, 4), device="cuda"))
     torch._dynamo.reset()
     packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
     packed_bytes = _weight_bytes_per_token(model)
@@ -221,6 +239,7 @@ def run(args: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
         "inductor_pdl": inductor_pdl,
+        "attention": a.attention,
         "layers": a.layers,
         "context": a.context,
         "fp16_tok_s": round(fp16["tok_s"], 1),
@@ -232,4 +251,5 @@ def run(args: list[str]) -> dict[str, Any]:
         f"packed{a.bits}_weight_bytes_per_token": packed_bytes,
         "bandwidth_limit_speedup": round(fp16_bytes / packed_bytes, 2),
         "packed_linears": n_packed,
+        "fused_sibling_groups": len(fused),
     }
