@@ -19,11 +19,16 @@ from hpsearch.methods.grid import QuantizedWeight
 __all__ = ["pack_model"]
 
 
-def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, check: bool = True) -> dict[str, str]:
+def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, check: bool = True,
+               example: torch.Tensor | None = None) -> dict[str, str]:
     """Replace, in place, each linear named in ``quantized`` by a ``PackedLinear``.
 
+    With ``example`` (input ids of a short prompt), packed layers that one forward pass hands the
+    same input (q/k/v, gate/up) then run as one launch (:func:`hpsearch.kernels.fuse_packed_siblings`),
+    as the measured-latency objective times them.
+
     Returns:
-        layer name -> ``packed`` or the reason it stayed dense.
+        layer name -> ``packed`` (``packed, fused with ...`` for siblings) or the reason it stayed dense.
     """
     from hpsearch.kernels import SUPPORTED_BITS, PackedLinear
 
@@ -48,4 +53,10 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
         outcome[name] = "packed"
+    if example is not None:
+        from hpsearch.kernels import fuse_packed_siblings
+
+        for group in fuse_packed_siblings(model, example):
+            for name in group:
+                outcome[name] = "packed, fused with " + "+".join(n.rpartition(".")[2] for n in group if n != name)
     return outcome

@@ -50,3 +50,20 @@ def test_layer_changed_after_quantization_stays_dense():
     Quantize(methods={"rtn": RTN()}).apply(model, plan, ctx)
     model.get_submodule(name).weight.data[0, 0] = 0.123  # e.g. pruned or tuned afterwards
     assert pack_model(model, ctx.artifacts["quantized"])[name].startswith("dense")
+
+
+def test_packed_siblings_fused_give_the_same_logits():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small_config("llama", 256)).eval()
+    structure = structure_of(model)
+    plan = Plan(layers={li.name: LayerPlan(bits=4, group_size=32) for li in structure.block_linears()})
+    ctx = StageContext(structure, Manifest.for_structure("t", structure), None, torch.device("cpu"))
+    Quantize(methods={"rtn": RTN()}).apply(model, plan, ctx)
+    ids = torch.randint(0, 256, (2, 16))
+    packed = copy.deepcopy(model)
+    outcome = pack_model(packed, ctx.artifacts["quantized"], example=ids[:1, :4])
+    assert outcome["model.layers.0.self_attn.k_proj"] == "packed, fused with q_proj+v_proj"
+    assert outcome["model.layers.1.mlp.up_proj"] == "packed, fused with gate_proj"
+    assert outcome["model.layers.0.self_attn.o_proj"] == "packed"
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
