@@ -62,6 +62,9 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                            (1024, 16, 4)):
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("gemv_asm", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3))
+        # few rows, long and unpipelined (every word of a program in flight at once; gemv_h2's best, run 14)
+        for bn, bk in ((8, 1024), (16, 1024), (8, 2048), (16, 2048), (4, 4096), (8, 4096)):
+            out.append(KernelConfig("gemv_asm", block_n=bn, block_k=bk, num_stages=1))
         # float16 pairs (2-4 bits; other inputs fall back to gemv_asm)
         for bn, bk, nw, sk, ns in ((16, 1024, 4, 1, 3), (32, 1024, 4, 1, 3), (32, 1024, 4, 1, 2), (16, 1024, 4, 1, 1),
                                    (32, 1024, 4, 1, 1), (64, 1024, 8, 1, 1), (16, 512, 4, 1, 3), (32, 512, 4, 1, 3),

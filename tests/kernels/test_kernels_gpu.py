@@ -93,3 +93,21 @@ def test_gemv_h2_large_activations_and_odd_shapes(bits, k):
     y = packed_matmul(x, w, config=KernelConfig("gemv_h2", block_n=32, block_k=1024, num_stages=3))
     assert torch.isfinite(y).all()
     assert rel_err(y, matmul_reference(x, w)) < TOL[torch.float16]
+
+
+def _shipped_rows():
+    from hpsearch.kernels._tuned import H100
+
+    return sorted(H100)
+
+
+@pytest.mark.parametrize("key", _shipped_rows())
+def test_every_shipped_tile_matches_reference(key):
+    """Each row of the shipped H100 table (kernels/_tuned.py), at its own shape: the tiles users get."""
+    bucket, shape, bits = key.split(":")
+    k, n = (int(v) for v in shape.split("x"))
+    bits, m = int(bits), int(bucket)
+    q, s, z = random_qsz(n, k, 128, bits, seed=n + k + bits, device="cuda")
+    w = pack(q, s, z, bits, 128)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    assert rel_err(packed_matmul(x, w), matmul_reference(x, w)) < TOL[torch.float16]
