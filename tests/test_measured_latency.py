@@ -140,3 +140,15 @@ def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
     assert calls.count((q.out_features, q.in_features, "packed4g32")) == 3
     # every linear timed once, a fused run as one: 15 linears, block 0's q/k/v and both gate/ups fused
     assert len(calls) == len(s.linears) - 2 - 1 - 1 and linears == len(calls) and ms == linears / 1e3
+
+
+def test_siblings_default_to_none_when_the_forward_pass_fails():
+    class Broken(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, input_ids):
+            raise RuntimeError("needs more than ids")
+
+    assert MeasuredLatency(context=64)._sibling_groups(Broken(), 16) == []
