@@ -43,6 +43,10 @@ CASES = [
 ]
 
 
+#: (bits, K) run with the default one-row tile, through the custom op
+DEFAULT_TILE_K = [(3, 896), (4, 14336), (2, 3200)]
+
+
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
@@ -88,6 +92,12 @@ def main() -> None:
         out[f"scale_tail_{kind}"] = rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w))
     x1 = torch.randn(1, 64).half()  # one row: the default rule's multi-group GEMV
     out["packed_linear_op_m1"] = rel_err(layer(x1), matmul_reference(x1, layer.packed))
+    # the default one-row tile (8 rows x 4096 codes) on K of other models: shorter than a tile
+    # (Qwen2-0.5B), 3.5 tiles (Mistral's down_proj), not a multiple of 1024
+    for bits, k in DEFAULT_TILE_K:
+        w = pack(*random_qsz(8, k, 128, bits, seed=k), bits, 128)
+        x = torch.randn(1, k).half()
+        out[f"default_tile_b{bits}_k{k}"] = rel_err(packed_matmul(x, w), matmul_reference(x, w))
     json.dump(out, sys.stdout)
 
 

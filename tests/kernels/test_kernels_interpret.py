@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from interpret_cases import CASES
+from interpret_cases import CASES, DEFAULT_TILE_K
 
 HERE = Path(__file__).resolve().parent
 pytest.importorskip("triton")
@@ -30,7 +30,8 @@ def results():
 
 @pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1", "scale_tail_gemv",
                                                                "scale_tail_gemv_words", "scale_tail_gemv_h2",
-                                                               "scale_tail_dot"])
+                                                               "scale_tail_dot"]
+                         + [f"default_tile_b{b}_k{k}" for b, k in DEFAULT_TILE_K])
 def test_interpreted_kernel_matches_reference(results, cid):
     err = results[cid]
     assert isinstance(err, float), err
