@@ -18,8 +18,8 @@ groups (longer runs of each row per load), and :func:`gemv_h2_kernel` a last til
   one-row GEMVs, see their section comments below. ``gemv_h2`` is the one-row default.
 
 Words are unpacked with a tree of ``tl.join`` (:func:`_tree`; :func:`_unit_tree` for the three
-words of a 3-bit unit), which keeps each word's codes in the thread that loaded the word. ``SPLIT_K > 1`` splits K over a grid axis and adds partial results
-atomically into a zeroed output.
+words of a 3-bit unit), which keeps each word's codes in the thread that loaded the word.
+``SPLIT_K > 1`` splits K over a grid axis and adds partial results atomically into a zeroed output.
 """
 
 from __future__ import annotations
@@ -615,7 +615,8 @@ def _word_sums_asm(ptrs, xk, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.
 # 3-bit units (``_format``) keep 15 of their 16 pairs whole in one word (fields at bits 0, 3, 6,
 # then 0 and 3 of the word shifted down 9), so a 3-bit code costs what a 4-bit one does; the pair
 # spread over the three words' spare bits takes 7 instructions (``_h2_spare``). kernels/NOTES.md,
-# run 14: the earlier 2-bit + 1-bit planes cost twice the instructions of 4 bits. Float16 partial sums cost accuracy: ~5e-4 relative against the float32
+# run 14: the earlier 2-bit + 1-bit planes cost twice the instructions of 4 bits.
+# Float16 partial sums cost accuracy: ~5e-4 relative against the float32
 # reference (tests: 2e-3), and a word's partial sum overflows past 65504, i.e. with activations
 # beyond ~1000 on every code of a word. Float16 activations only (bfloat16 pairs have too few
 # mantissa bits for the trick) and 2, 3 and 4 bits (8-bit codes times x overflow sooner).
