@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["G_MULTIPLE", "K_MULTIPLE", "SUPPORTED_BITS", "PackedWeight", "padded", "planes"]
+__all__ = ["G_MULTIPLE", "K_MULTIPLE", "SUPPORTED_BITS", "PackedWeight", "check_bits", "padded"]
 
 #: Bit-widths the format and the kernels support.
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -47,12 +47,10 @@ SUPPORTED_BITS = (2, 3, 4, 8)
 #: The code and zero axes are padded to these multiples.
 K_MULTIPLE, G_MULTIPLE = 128, 32
 
-def planes(bits: int) -> int:
-    """How many planes (word arrays that follow one another in a row) hold ``bits``-bit codes:
-    three for 3 bits (see the module docstring), else one."""
+def check_bits(bits: int) -> None:
+    """Raise a one-line ``ValueError`` unless the format supports ``bits``."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; allowed: {SUPPORTED_BITS}")
-    return 3 if bits == 3 else 1
 
 
 def padded(length: int, multiple: int) -> int:
@@ -75,7 +73,7 @@ class PackedWeight:
     in_features: int
 
     def __post_init__(self) -> None:
-        planes(self.bits)
+        check_bits(self.bits)
         n = self.out_features
         if self.qweight.shape != (n, self.k_pad * self.bits // 32) or self.qweight.dtype != torch.int32:
             raise ValueError(f"qweight must be int32 [{n}, {self.k_pad * self.bits // 32}], "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded, planes
+from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, check_bits, padded
 from ._pack import pack
 
 __all__ = ["PackedLinear"]
@@ -37,7 +37,7 @@ class PackedLinear(nn.Module):
                  bias: bool = False, in_scale: bool = False, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
-        planes(bits)
+        check_bits(bits)
         if group_size <= 0 or (in_features % group_size and group_size != in_features):
             raise ValueError(f"group_size={group_size} must divide in_features={in_features}")
         self.in_features, self.out_features = in_features, out_features

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded, planes
+from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, check_bits, padded
 
 __all__ = ["pack", "pack_codes", "unpack", "unpack_codes"]
 
@@ -94,7 +94,7 @@ def unpack_codes(words: torch.Tensor, bits: int, length: int, multiple: int = 32
 
 
 def _check(q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, group_size: int) -> None:
-    planes(bits)
+    check_bits(bits)
     if q.dim() != 2:
         raise ValueError(f"q must be [N, K], got shape {tuple(q.shape)}")
     n, k = q.shape

@@ -17,6 +17,7 @@ group again, so results never depend on the grouping, only speed does. ``torch.c
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -54,10 +55,7 @@ class PackedSiblings(nn.Module):
                               torch.cat([layer.qzeros for layer in layers]),
                               first.bits, first.group_size, first.in_features)
         self.linear = PackedLinear.from_packed(weight, bias=bias, in_scale=first.in_scale)
-        bounds = [0]
-        for layer in layers:
-            bounds.append(bounds[-1] + layer.out_features)
-        self.bounds = tuple(bounds)
+        self.bounds = (0, *itertools.accumulate(layer.out_features for layer in layers))
         # the last input and output; plain attributes (not buffers): they are not state
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
