@@ -16,8 +16,13 @@ packed model is built from:
 
 :func:`fuse_packed_siblings` then runs the packed layers that read one input (q/k/v, gate/up) as
 one kernel launch each, without touching the model's code.
+
+:func:`decode_attention` is split-KV attention of a few new tokens over a KV cache (the
+``hpsearch::decode_attention`` op), and :func:`use_decode_attention` switches a transformers model's
+decode steps to it (prefill stays on SDPA).
 """
 
+from ._attention import decode_attention, use_decode_attention
 from ._format import SUPPORTED_BITS, PackedWeight
 from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, triton_enabled
 from ._linear import PackedLinear
@@ -33,6 +38,7 @@ __all__ = [
     "PackedSiblings",
     "PackedWeight",
     "choose_config",
+    "decode_attention",
     "dequantize",
     "fingerprint",
     "fuse_packed_siblings",
@@ -41,4 +47,5 @@ __all__ = [
     "packed_matmul",
     "triton_enabled",
     "unpack",
+    "use_decode_attention",
 ]

@@ -1,8 +1,8 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
-``python -m hpsearch.bench decode [--layers 32] [--context 256] [--tokens 64] [--repeats 5]
-[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate] [--attention auto|cudnn|efficient|math]
-[--inductor-pdl on|off] [--profile]``
+``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--repeats 5]
+[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate]
+[--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
 32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
@@ -11,9 +11,11 @@ CUDA graph, by hand (default) or by ``torch.compile(mode="reduce-overhead")`` (`
 also fuses the small elementwise kernels). After a prompt of ``--context`` tokens and warm-up,
 tokens/s is the median over ``--repeats`` of ``--tokens`` graph replays timed with CUDA events,
 each repeat decoding positions ``context .. context + tokens`` again (the cache is rewound).
-``--attention`` picks the SDPA backend of both models (``auto``: PyTorch's choice).
+``--attention`` picks the SDPA backend of both models (``auto``: PyTorch's choice), or
+``hpsearch``: both models decode with :func:`hpsearch.kernels.use_decode_attention`'s split-KV
+kernel (prefill stays on PyTorch's choice of SDPA backend).
 ``--inductor-pdl on`` lets Inductor's own kernels use programmatic dependent launch (both models
-alike; kernels/NOTES.md run 13); ``--profile`` prints the packed step's kernels by GPU time.
+alike; kernels/NOTES.md run 13); ``--profile`` prints each model's step kernels by GPU time.
 The packed model then replaces every decoder-block linear by a
 :class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings and the LM head stay
 float16) and is timed the same way; with ``--siblings fused`` (the default) the packed layers that
@@ -53,24 +55,24 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:
     return 2 * nbytes / statistics.median(samples)
 
 
-def llama7b_config(layers: int):
+def llama7b_config(layers: int, kv_heads: int = 32):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      num_attention_heads=32, num_key_value_heads=kv_heads, vocab_size=32000,
                       max_position_embeddings=4096, rms_norm_eps=1e-5)
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
-def build_model(layers: int) -> nn.Module:
+def build_model(layers: int, kv_heads: int = 32) -> nn.Module:
     from transformers import LlamaForCausalLM
 
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
     try:
         with torch.device("cuda"):
-            model = LlamaForCausalLM(llama7b_config(layers))
+            model = LlamaForCausalLM(llama7b_config(layers, kv_heads))
     finally:
         torch.set_default_dtype(default)
     return model.eval().requires_grad_(False)
@@ -195,6 +197,8 @@ def run(args: list[str]) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m hpsearch.bench decode")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--context", type=int, default=256, help="prompt tokens before timing")
+    p.add_argument("--kv-heads", type=int, default=32, help="key/value heads (32: Llama-2-7B; 8: grouped-query "
+                                                             "attention as Llama-3-8B's)")
     p.add_argument("--tokens", type=int, default=64, help="decode steps per timed repeat")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
@@ -205,22 +209,28 @@ def run(args: list[str]) -> dict[str, Any]:
                         "both models alike)")
     p.add_argument("--siblings", choices=("fused", "separate"), default="fused",
                    help="packed layers that read one input (q/k/v, gate/up) as one launch, or one each")
-    p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math"), default="auto",
-                   help="the SDPA backend both models use (auto: PyTorch's choice)")
-    p.add_argument("--profile", action="store_true", help="also print the packed step's kernels by total time")
+    p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math", "hpsearch"), default="auto",
+                   help="the SDPA backend both models use (auto: PyTorch's choice), or hpsearch: "
+                        "decode steps run hpsearch::decode_attention")
+    p.add_argument("--profile", action="store_true", help="also print each model's step kernels by total time (stderr)")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
     inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
-    if a.attention != "auto":  # only the chosen SDPA backend may run
+    if a.attention not in ("auto", "hpsearch"):  # only the chosen SDPA backend may run
         torch.backends.cuda.enable_cudnn_sdp(a.attention == "cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(a.attention == "efficient")
         torch.backends.cuda.enable_flash_sdp(False)
         torch.backends.cuda.enable_math_sdp(a.attention == "math")
     torch.manual_seed(0)
     bw = copy_bandwidth()
-    model = build_model(a.layers)
-    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile)
+    model = build_model(a.layers, a.kv_heads)
+    if a.attention == "hpsearch":  # before any compile or capture; the packed model is this one, repacked
+        from hpsearch.kernels import use_decode_attention
+
+        if not use_decode_attention(model):
+            raise RuntimeError("use_decode_attention refused the model (transformers without AttentionInterface?)")
+    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
     fp16_bytes = _weight_bytes_per_token(model)
     fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
     print(f"fp16: {fp16}", file=sys.stderr)
@@ -232,16 +242,18 @@ def run(args: list[str]) -> dict[str, Any]:
         fused = fuse_packed_siblings(model, input_ids=torch.randint(0, model.config.vocab_size, (1, 4), device="cuda"))
     torch._dynamo.reset()
     packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
-    packed_bytes = _weight_bytes_per_token(model)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
+    packed_bytes = _weight_bytes_per_token(model)
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
         "inductor_pdl": inductor_pdl,
         "attention": a.attention,
+        "attn_implementation": model.config._attn_implementation,
         "layers": a.layers,
         "context": a.context,
+        "kv_heads": a.kv_heads,
         "fp16_tok_s": round(fp16["tok_s"], 1),
         f"packed{a.bits}_tok_s": round(packed["tok_s"], 1),
         "speedup": round(packed["tok_s"] / fp16["tok_s"], 2),
