@@ -28,6 +28,8 @@ import sys
 
 import torch
 
+from ._launch import triton_enabled  # one interpreter switch for every kernel module
+
 __all__ = ["ATTN_NAME", "decode_attention", "decode_attention_forward", "decode_attention_reference",
            "register_decode_attention", "use_decode_attention"]
 
@@ -59,18 +61,6 @@ def _kernels():
     )
 
     return _attention_kernels
-
-
-def _triton_runs(device: torch.device) -> bool:
-    """Whether the attention kernels run for tensors on ``device`` (CUDA, or CPU in the interpreter)."""
-    if device.type == "cuda":
-        return True
-    if device.type != "cpu":
-        return False
-    try:
-        return type(_kernels().split_kernel).__name__ == "InterpretedFunction"
-    except ImportError:
-        return False
 
 
 @functools.cache
@@ -157,7 +147,7 @@ def _next_pow2(n: int) -> int:
 @torch.library.custom_op("hpsearch::decode_attention", mutates_args=())
 def _decode_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                          attn_mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    if _triton_runs(query.device):
+    if triton_enabled(query.device):
         return _run_kernels(query, key, value, attn_mask, scale)
     return decode_attention_reference(query, key, value, attn_mask, scale)
 
@@ -230,7 +220,7 @@ def decode_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: 
         and (attention_mask is None or (isinstance(attention_mask, torch.Tensor)
                                         and (attention_mask.dtype == torch.bool or attention_mask.is_floating_point())))
         and not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad))
-        and (query.is_cuda or _triton_runs(query.device))
+        and (query.is_cuda or triton_enabled(query.device))
     )
     if not usable:
         return _sdpa_forward()(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,

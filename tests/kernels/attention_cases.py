@@ -143,9 +143,9 @@ def _hf_case(arch: str) -> dict:
 def main() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
-    from hpsearch.kernels._attention import _triton_runs
+    from hpsearch.kernels import triton_enabled
 
-    assert _triton_runs(torch.device("cpu"))
+    assert triton_enabled(torch.device("cpu"))
     out = {}
     for case in CASES:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from attention_cases import _decode_logits
 from conftest import small_config
 from hpsearch.kernels import decode_attention, use_decode_attention
 from hpsearch.kernels._attention import ATTN_NAME, decode_attention_reference
@@ -96,22 +97,6 @@ def _tiny(arch: str, dtype: torch.dtype):
     return AutoModelForCausalLM.from_config(config).to("cuda", dtype).eval()
 
 
-def _decode(model, ids, attention_mask, steps: int) -> list[torch.Tensor]:
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=ids.shape[1] + steps + 5)
-    out = []
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
-        out.append(logits)
-        for _ in range(steps):
-            nxt = logits[:, -1:].argmax(-1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(nxt)], dim=1)
-            logits = model(input_ids=nxt, attention_mask=attention_mask, past_key_values=cache, use_cache=True).logits
-            out.append(logits)
-    return out
-
-
 def _op_calls(prof) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "hpsearch::decode_attention")
 
@@ -125,10 +110,10 @@ def test_hf_decode_matches_sdpa(arch, dtype):
     ids = torch.randint(0, 128, (2, 11), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :4] = 0  # left padding
-    ref = _decode(model, ids, attention_mask, 3)
+    ref = _decode_logits(model, ids, attention_mask, 3)
     assert use_decode_attention(model) and model.config._attn_implementation == ATTN_NAME
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        got = _decode(model, ids, attention_mask, 3)
+        got = _decode_logits(model, ids, attention_mask, 3)
     assert _op_calls(prof) == 3 * model.config.num_hidden_layers
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     for g, r in zip(got, ref):
