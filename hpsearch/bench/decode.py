@@ -214,6 +214,8 @@ def run(args: list[str]) -> dict[str, Any]:
                         "decode steps run hpsearch::decode_attention")
     p.add_argument("--profile", action="store_true", help="also print each model's step kernels by total time (stderr)")
     a = p.parse_args(args)
+    if a.kv_heads <= 0 or 32 % a.kv_heads:  # before any model is built
+        p.error(f"--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32), got {a.kv_heads}")
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
     inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
