@@ -25,7 +25,8 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
 
     With ``example`` (input ids of a short prompt), packed layers that one forward pass hands the
     same input (q/k/v, gate/up) then run as one launch (:func:`hpsearch.kernels.fuse_packed_siblings`),
-    as the measured-latency objective times them.
+    as the measured-latency objective times them, and a gated MLP's gate/up launch leaves
+    ``silu(gate) * up`` itself (:func:`hpsearch.kernels.fuse_gated_mlps`).
 
     Returns:
         layer name -> ``packed`` (``packed, fused with ...`` for siblings) or the reason it stayed dense.
@@ -54,9 +55,12 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
         outcome[name] = "packed"
     if example is not None:
-        from hpsearch.kernels import fuse_packed_siblings
+        from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings
 
         for group in fuse_packed_siblings(model, example):
             for name in group:
                 outcome[name] = "packed, fused with " + "+".join(n.rpartition(".")[2] for n in group if n != name)
+        for mlp in fuse_gated_mlps(model, example):
+            for name in (f"{mlp}.gate_proj", f"{mlp}.up_proj"):
+                outcome[name] += "; silu(gate) * up in the same launch"
     return outcome

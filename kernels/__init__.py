@@ -15,7 +15,8 @@ packed model is built from:
     layer.nbytes()        # exact storage bytes
 
 :func:`fuse_packed_siblings` then runs the packed layers that read one input (q/k/v, gate/up) as
-one kernel launch each, without touching the model's code.
+one kernel launch each, without touching the model's code, and :func:`fuse_gated_mlps` folds a
+Llama-family MLP's ``silu(gate) * up`` into its gate/up launch (:func:`packed_gated_matmul`).
 
 :func:`decode_attention` is split-KV attention of a few new tokens over a KV cache (the
 ``hpsearch::decode_attention`` op), and :func:`use_decode_attention` switches a transformers model's
@@ -24,6 +25,8 @@ decode steps to it (prefill stays on SDPA).
 
 from ._attention import decode_attention, use_decode_attention
 from ._format import SUPPORTED_BITS, PackedWeight
+from ._gated import gated_reference, packed_gated_matmul
+from ._gated_mlp import fuse_gated_mlps, unfuse_gated_mlps
 from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, triton_enabled
 from ._linear import PackedLinear
 from ._pack import pack, unpack
@@ -41,11 +44,15 @@ __all__ = [
     "decode_attention",
     "dequantize",
     "fingerprint",
+    "fuse_gated_mlps",
     "fuse_packed_siblings",
+    "gated_reference",
     "matmul_reference",
     "pack",
+    "packed_gated_matmul",
     "packed_matmul",
     "triton_enabled",
+    "unfuse_gated_mlps",
     "unpack",
     "use_decode_attention",
 ]

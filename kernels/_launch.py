@@ -153,8 +153,11 @@ def triton_enabled(device: torch.device) -> bool:
 
 def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-            config: KernelConfig | None) -> torch.Tensor | None:
-    """``x2 [M, K] @ W_hat.T`` with the Triton kernels, or ``None`` if no tile size fits the groups."""
+            config: KernelConfig | None, gated: bool = False) -> torch.Tensor | None:
+    """``x2 [M, K] @ W_hat.T`` with the Triton kernels, or ``None`` if no tile size fits the groups.
+
+    ``gated``: ``silu(gate) * up`` of the two halves of the rows, in ``gemv_h2_kernel``'s epilogue
+    (see ``_gated``); ``None`` is returned where that kernel does not run."""
     m, k = x2.shape
     n, g = scales.shape
     k_pad = padded(k, K_MULTIPLE)
@@ -162,6 +165,10 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     per_channel = group_size >= in_features
     if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
         cfg = dataclasses.replace(cfg, kind="gemv_asm")
+    if gated:
+        if cfg.kind != "gemv_h2" or cfg.block_n % 2:
+            return None
+        cfg = dataclasses.replace(cfg, split_k=1)  # the epilogue needs whole sums
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
@@ -174,7 +181,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         acc_dtype = x2.dtype if x2.dtype == torch.float16 else torch.float32
         y = torch.zeros((m, n), dtype=acc_dtype, device=x2.device)
     else:
-        y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+        y = torch.empty((m, n // 2 if gated else n), dtype=x2.dtype, device=x2.device)
     b = bias if bias is not None else scales  # any valid pointer; unused without HAS_BIAS
     common = {"N": n, "K": k, "K_PAD": k_pad, "G": g, "G_PAD": padded(g, G_MULTIPLE),
               "stride_xm": x2.stride(0), "stride_ym": y.stride(0), "BITS": bits,
@@ -190,8 +197,10 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         else:  # inline PTX runs on CUDA only (the interpreter takes the Triton body)
             asm = cfg.kind != "gemv_words" and x2.is_cuda
             if cfg.kind == "gemv_h2":
+                if gated:  # a program makes block_n // 2 outputs
+                    grid = (triton_cdiv(n // 2, cfg.block_n // 2), split_k, m)
                 kern.gemv_h2_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile,
-                                          TAIL=k_pad % bk != 0, **common)
+                                          TAIL=k_pad % bk != 0, GATED=gated, **common)
             else:
                 kern.gemv_words_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile, **common)
     elif cfg.kind == "dot":

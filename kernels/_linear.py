@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, check_bits, padded
+from ._gated import packed_gated_matmul
 from ._pack import pack
 
 __all__ = ["PackedLinear"]
@@ -83,6 +84,14 @@ class PackedLinear(nn.Module):
             x = x / self.in_scale
         return torch.ops.hpsearch.packed_matmul(x, self.qweight, self.scales, self.qzeros, self.bias,
                                                 self.bits, self.group_size, self.in_features)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` where this layer's rows are a gate's then an up projection's (a fused
+        gate/up group, :func:`packed_gated_matmul`): ``[..., out_features // 2]``."""
+        if self.in_scale is not None:
+            x = x / self.in_scale
+        return packed_gated_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits,
+                                   self.group_size, self.in_features)
 
     def nbytes(self) -> int:
         """Exact bytes of the layer's stored tensors (codes, scales, zeros, bias, input scale)."""

@@ -241,16 +241,23 @@ def _fields_sum(f, xk, BITS: tl.constexpr):
 
 @triton.jit
 def _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BK: tl.constexpr):
+                  BK: tl.constexpr, GATED: tl.constexpr = False):
     """What a GEMV program works on: its K split, its activation row, its weight rows (``rn``, and
     ``rows`` clamped to ``N - 1``: rows past N recompute row N-1 and are not stored), that row's
     pointer, and the word pointers of its first tile (for 3 bits, plane 0's: the others follow
-    ``K_PAD // 32`` words on)."""
+    ``K_PAD // 32`` words on). ``GATED``: the weight is a gate's rows then an up projection's
+    (``N // 2`` each); the program's rows alternate gate ``r``, up ``r`` for ``BLOCK_N // 2``
+    outputs ``r`` (``rn`` is then the output's, each index twice)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rows = tl.minimum(rn, N - 1).to(tl.int64)
+    if GATED:
+        j = tl.arange(0, BLOCK_N)
+        rn = pid_n * (BLOCK_N // 2) + j // 2
+        rows = (tl.minimum(rn, N // 2 - 1) + (j % 2) * (N // 2)).to(tl.int64)
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = tl.minimum(rn, N - 1).to(tl.int64)
     row_words = rows * (K_PAD * BITS // 32)
     ptrs = _plane_ptrs(qw_ptr, row_words, pid_k * BK, 0, 1 if BITS == 3 else BITS, BK)
     return pid_k, pid_m, rn, rows, x_ptr + pid_m * stride_xm, ptrs
@@ -811,13 +818,17 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
                    N, K, K_PAD, G, G_PAD, stride_xm, stride_ym,
                    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
                    BLOCK_N: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False):
+                   ASM: tl.constexpr = False, GT: tl.constexpr = 1, TAIL: tl.constexpr = False,
+                   GATED: tl.constexpr = False):
     """Same contract and grid as :func:`gemv_kernel` for float16 activations (even ``K``, rows
     4-byte aligned) and 2, 3 or 4 bits; see the section comment. ``ASM`` (CUDA only) runs the pairs
     in PTX; the interpreter runs the same bit manipulation in float32. ``TAIL``: ``BK`` does not
     divide ``K_PAD``, the last tile's words past the row are masked (``MASK_K`` must be set too).
+    ``GATED`` (``SPLIT_K`` 1; see ``_gated``): the rows are a gate's then an up projection's, the
+    output ``silu(gate) * up`` (``N // 2`` values, the grid over them).
     """
-    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK)
+    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK,
+                                                        GATED)
     x32 = x_row.to(tl.pointer_type(tl.int32))
     WIDTH: tl.constexpr = 1 if BITS == 3 else BITS  # 3 bits: a unit of 32 codes per word of each plane
     NW: tl.constexpr = BK * WIDTH // 32
@@ -843,4 +854,21 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         acc -= _per_word(st * zt, BLOCK_N, GT, NW // GT) * xw[None, :]
         ptrs += NW * SPLIT_K
     out = tl.sum(acc, axis=1)
-    _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
+    if GATED:
+        _gated_store(out, y_ptr, b_ptr, rows, rn, N, pid_m, stride_ym, HAS_BIAS, BLOCK_N)
+    else:
+        _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _gated_store(out, y_ptr, b_ptr, rows, rn, N, pid_m, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``silu(gate) * up`` of a ``GATED`` program's sums (rows alternating gate, up), rounding
+    as transformers' modules do: each projection to float16, ``silu`` of the gate to float16, then
+    the product."""
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows).to(tl.float32)
+    dt = y_ptr.dtype.element_ty
+    gate, up = tl.split(tl.reshape(out.to(dt).to(tl.float32), (BLOCK_N // 2, 2)))
+    act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
+    rn = tl.reshape(rn, (BLOCK_N // 2, 2)).max(axis=1)  # each output index appears twice
+    tl.store(y_ptr + pid_m * stride_ym + rn, (act * up).to(dt), mask=rn < N // 2)

@@ -13,3 +13,10 @@ def test_kv_heads_that_do_not_divide_the_heads_are_refused(value, capsys):
         run(["--kv-heads", value])
     assert e.value.code == 2
     assert "--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32)" in capsys.readouterr().err
+
+
+def test_a_gated_mlp_without_fused_siblings_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--mlp", "gated", "--siblings", "separate"])
+    assert e.value.code == 2
+    assert "--mlp gated needs --siblings fused" in capsys.readouterr().err

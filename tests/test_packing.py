@@ -63,7 +63,8 @@ def test_packed_siblings_fused_give_the_same_logits():
     packed = copy.deepcopy(model)
     outcome = pack_model(packed, ctx.artifacts["quantized"], example=ids[:1, :4])
     assert outcome["model.layers.0.self_attn.k_proj"] == "packed, fused with q_proj+v_proj"
-    assert outcome["model.layers.1.mlp.up_proj"] == "packed, fused with gate_proj"
+    assert outcome["model.layers.1.mlp.up_proj"] == "packed, fused with gate_proj; silu(gate) * up in the same launch"
+    assert type(packed.model.layers[1].mlp).__name__ == "GatedLlamaMLP"
     assert outcome["model.layers.0.self_attn.o_proj"] == "packed"
     with torch.no_grad():
         torch.testing.assert_close(packed(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -1,7 +1,8 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
 ``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--repeats 5]
-[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate]
+[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate] [--mlp gated|separate]
+[--lm-head fp16|packed]
 [--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
@@ -17,10 +18,12 @@ kernel (prefill stays on PyTorch's choice of SDPA backend).
 ``--inductor-pdl on`` lets Inductor's own kernels use programmatic dependent launch (both models
 alike; kernels/NOTES.md run 13); ``--profile`` prints each model's step kernels by GPU time.
 The packed model then replaces every decoder-block linear by a
-:class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings and the LM head stay
-float16) and is timed the same way; with ``--siblings fused`` (the default) the packed layers that
-read one input (q/k/v, gate/up) then run as one launch each
-(:func:`hpsearch.kernels.fuse_packed_siblings`), as the measured-latency objective times them.
+:class:`hpsearch.kernels.PackedLinear` built from random codes (embeddings stay float16, the LM
+head too unless ``--lm-head packed``) and is timed the same way; with ``--siblings fused`` (the
+default) the packed layers that read one input (q/k/v, gate/up) then run as one launch each
+(:func:`hpsearch.kernels.fuse_packed_siblings`), as the measured-latency objective times them, and
+with ``--mlp gated`` (the default with fused siblings) the gate/up launch leaves ``silu(gate) * up`` itself
+(:func:`hpsearch.kernels.fuse_gated_mlps`).
 
 ``fp16_bw_fraction`` is the float16 model's achieved bandwidth (bytes of weights read per token,
 all but the embedding table, over the time per token) as a fraction of
@@ -78,27 +81,27 @@ def build_model(layers: int, kv_heads: int = 32) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int = 0) -> int:
-    """Replace every decoder-block ``nn.Linear`` by a PackedLinear of random codes; returns how many."""
+def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int = 0, lm_head: bool = False) -> int:
+    """Replace every decoder-block ``nn.Linear`` (and with ``lm_head`` the LM head) by a PackedLinear
+    of random codes; returns how many."""
     from hpsearch.kernels import PackedLinear
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    count = 0
-    for block in model.model.layers:
-        for name, module in list(block.named_modules()):
-            if not isinstance(module, nn.Linear):
-                continue
-            n, k = module.weight.shape
-            q = torch.randint(0, 2**bits, (n, k), device="cuda", dtype=torch.uint8, generator=gen)
-            # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
-            s = torch.full((n, k // group_size), 0.1 / 2**bits, device="cuda", dtype=torch.float16)
-            z = torch.full((n, k // group_size), 2 ** (bits - 1), device="cuda", dtype=torch.uint8)
-            packed = PackedLinear.from_quantized(q, s, z, bits, group_size)
-            parent, _, child = name.rpartition(".")
-            setattr(block.get_submodule(parent) if parent else block, child, packed)
-            count += 1
+    targets = [(block, name, module) for block in model.model.layers
+               for name, module in list(block.named_modules()) if isinstance(module, nn.Linear)]
+    if lm_head:
+        targets.append((model, "lm_head", model.lm_head))
+    for parent_module, name, module in targets:
+        n, k = module.weight.shape
+        q = torch.randint(0, 2**bits, (n, k), device="cuda", dtype=torch.uint8, generator=gen)
+        # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
+        s = torch.full((n, k // group_size), 0.1 / 2**bits, device="cuda", dtype=torch.float16)
+        z = torch.full((n, k // group_size), 2 ** (bits - 1), device="cuda", dtype=torch.uint8)
+        packed = PackedLinear.from_quantized(q, s, z, bits, group_size)
+        parent, _, child = name.rpartition(".")
+        setattr(parent_module.get_submodule(parent) if parent else parent_module, child, packed)
     torch.cuda.empty_cache()
-    return count
+    return len(targets)
 
 
 def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool,
@@ -209,6 +212,12 @@ def run(args: list[str]) -> dict[str, Any]:
                         "both models alike)")
     p.add_argument("--siblings", choices=("fused", "separate"), default="fused",
                    help="packed layers that read one input (q/k/v, gate/up) as one launch, or one each")
+    p.add_argument("--mlp", choices=("gated", "separate"), default=None,
+                   help="gated (the default with --siblings fused): the packed model's fused gate/up GEMV "
+                        "leaves silu(gate) * up (hpsearch.kernels.fuse_gated_mlps); separate: "
+                        "transformers' MLP computes it")
+    p.add_argument("--lm-head", choices=("fp16", "packed"), default="fp16",
+                   help="the packed model's LM head: float16 as the float16 model's, or packed at --bits too")
     p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math", "hpsearch"), default="auto",
                    help="the SDPA backend both models use (auto: PyTorch's choice), or hpsearch: "
                         "decode steps run hpsearch::decode_attention")
@@ -216,6 +225,9 @@ def run(args: list[str]) -> dict[str, Any]:
     a = p.parse_args(args)
     if a.kv_heads <= 0 or 32 % a.kv_heads:  # before any model is built
         p.error(f"--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32), got {a.kv_heads}")
+    if a.mlp == "gated" and a.siblings == "separate":
+        p.error("--mlp gated needs --siblings fused (the gate and up rows run as one launch)")
+    a.mlp = a.mlp or ("gated" if a.siblings == "fused" else "separate")
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
     inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
@@ -236,12 +248,17 @@ def run(args: list[str]) -> dict[str, Any]:
     fp16_bytes = _weight_bytes_per_token(model)
     fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
     print(f"fp16: {fp16}", file=sys.stderr)
-    n_packed = pack_block_linears(model, a.bits, a.group_size)
-    fused = []
+    n_packed = pack_block_linears(model, a.bits, a.group_size, lm_head=a.lm_head == "packed")
+    fused, mlps = [], []
+    example = torch.randint(0, model.config.vocab_size, (1, 4), device="cuda")
     if a.siblings == "fused":
         from hpsearch.kernels import fuse_packed_siblings
 
-        fused = fuse_packed_siblings(model, input_ids=torch.randint(0, model.config.vocab_size, (1, 4), device="cuda"))
+        fused = fuse_packed_siblings(model, input_ids=example)
+    if a.mlp == "gated":
+        from hpsearch.kernels import fuse_gated_mlps
+
+        mlps = fuse_gated_mlps(model, input_ids=example)
     torch._dynamo.reset()
     packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
@@ -266,4 +283,6 @@ def run(args: list[str]) -> dict[str, Any]:
         "bandwidth_limit_speedup": round(fp16_bytes / packed_bytes, 2),
         "packed_linears": n_packed,
         "fused_sibling_groups": len(fused),
+        "gated_mlps": len(mlps),
+        "lm_head": a.lm_head,
     }

@@ -1,0 +1,114 @@
+"""Gated MLPs of packed layers run as two launches: gate/up with ``silu(gate) * up`` in its
+epilogue (:func:`packed_gated_matmul`), then down_proj.
+
+:func:`fuse_gated_mlps` does this to the MLPs of a transformers model that have the Llama-family
+shape (``gate_proj``, ``up_proj``, ``down_proj``, a SiLU ``act_fn``; Mistral, Qwen2/3 and others
+share it) once their packed gate and up layers run as one sibling group
+(:func:`fuse_packed_siblings`, which it calls first). It swaps such an MLP's class for a subclass
+whose ``forward`` is ``down_proj(silu(gate) * up)`` from that one launch; the state dict and every
+other module are untouched. It checks each MLP on the input the example forward pass handed it:
+an MLP whose output changes (a forward that is not ``down(act(gate(x)) * up(x))``) is restored and
+left out.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._siblings import PackedSibling, fuse_packed_siblings
+
+__all__ = ["fuse_gated_mlps", "unfuse_gated_mlps"]
+
+
+def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> list[str]:
+    """Run the gated MLPs of ``model`` as gate/up with ``silu(gate) * up`` folded in, then down.
+
+    ``model(*args, **kwargs)`` is an example forward pass (it groups the siblings and gives each
+    MLP an input to check itself on: the fused MLP's output must stay within ``rtol`` of the
+    largest output). Returns the fused MLPs' names, in place.
+    """
+    fuse_packed_siblings(model, *args, **kwargs)
+    candidates = [name for name, module in model.named_modules() if _gate_up(module) is not None]
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, args, name=name: inputs.setdefault(name, args[0]) if args else None) for name in candidates]
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    fused = []
+    for name in candidates:
+        mlp, x = model.get_submodule(name), inputs.get(name)
+        if x is None:
+            continue
+        with torch.no_grad():
+            before = mlp(x)
+            mlp.__class__ = _gated_class(type(mlp))
+            after = mlp(x)
+        if _difference(before, after) <= rtol:
+            fused.append(name)
+        else:
+            mlp.__class__ = type(mlp)._hpsearch_unfused
+    return fused
+
+
+def unfuse_gated_mlps(model: nn.Module) -> int:
+    """Undo :func:`fuse_gated_mlps` (the sibling groups stay); returns how many MLPs."""
+    count = 0
+    for module in model.modules():
+        original = getattr(type(module), "_hpsearch_unfused", None)
+        if original is not None:
+            module.__class__ = original
+            count += 1
+    return count
+
+
+def _gate_up(mlp: nn.Module):
+    """The packed layer computing ``mlp``'s gate then up rows, or ``None`` if ``mlp`` is not a gated
+    SiLU MLP whose gate and up are one sibling group of exactly these two, gate first."""
+    gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
+    if not (isinstance(gate, PackedSibling) and isinstance(up, PackedSibling) and gate.group is up.group
+            and (gate.index, up.index) == (0, 1) and len(gate.group.bounds) == 3
+            and gate.out_features == up.out_features and hasattr(mlp, "down_proj")
+            and _is_silu(getattr(mlp, "act_fn", None))):
+        return None
+    return gate.group.linear
+
+
+def _is_silu(act: nn.Module | None) -> bool:
+    if not callable(act):
+        return False
+    probe = torch.linspace(-8, 8, 97)
+    with torch.no_grad():
+        try:
+            return torch.equal(act(probe), F.silu(probe))
+        except (TypeError, RuntimeError):
+            return False
+
+
+def _difference(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Largest difference over the largest output; infinite if they disagree on what is finite."""
+    finite = torch.isfinite(before)
+    if not torch.equal(finite, torch.isfinite(after)):
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    b, a = before[finite].float(), after[finite].float()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
+
+
+@functools.cache
+def _gated_class(cls: type) -> type:
+    """``cls`` with the folded forward (one subclass per MLP class, so ``torch.compile`` sees an
+    ordinary method)."""
+    return type(f"Gated{cls.__name__}", (cls,), {"forward": _gated_forward, "_hpsearch_unfused": cls})
+
+
+def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(self.gate_proj.group.linear.gated(x))
