@@ -4,7 +4,8 @@ Why: a packed Llama-family MLP at one token runs gate and up as one launch
 (:func:`~hpsearch.kernels.fuse_packed_siblings`), then an elementwise ``silu(gate) * up`` kernel
 (1.3 us on the H100) and its launch gap before down_proj. The one-row GEMV holds whole output
 values at its end: if a program's rows alternate gate ``r`` and up ``r``, it can leave the product
-itself (kernels/NOTES.md, run 25: the epilogue costs 0.9 us of the 22 us gate/up GEMV).
+itself (kernels/NOTES.md, run 26: the epilogue costs 0.6 us of the 21 us 4-bit gate/up GEMV of a
+7B model, and decode gains 2%).
 
 ``hpsearch::packed_gated_matmul`` computes ``silu(y[..., :N/2]) * y[..., N/2:]`` for
 ``y = x @ W_hat.T + bias``, rounding to the activations' dtype where transformers' modules do

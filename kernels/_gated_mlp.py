@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._siblings import PackedSibling, fuse_packed_siblings
+from ._siblings import PackedSibling, fuse_packed_siblings, input_calls
 
 __all__ = ["fuse_gated_mlps", "unfuse_gated_mlps"]
 
@@ -32,16 +32,10 @@ def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> li
     largest output). Returns the fused MLPs' names, in place.
     """
     fuse_packed_siblings(model, *args, **kwargs)
-    candidates = [name for name, module in model.named_modules() if _gate_up(module) is not None]
+    candidates = [name for name, module in model.named_modules() if _is_gated_mlp(module)]
     inputs: dict[str, torch.Tensor] = {}
-    hooks = [model.get_submodule(name).register_forward_pre_hook(
-        lambda _m, args, name=name: inputs.setdefault(name, args[0]) if args else None) for name in candidates]
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
+    for name, x in input_calls(model, candidates, *args, **kwargs):
+        inputs.setdefault(name, x)
     fused = []
     for name in candidates:
         mlp, x = model.get_submodule(name), inputs.get(name)
@@ -69,16 +63,14 @@ def unfuse_gated_mlps(model: nn.Module) -> int:
     return count
 
 
-def _gate_up(mlp: nn.Module):
-    """The packed layer computing ``mlp``'s gate then up rows, or ``None`` if ``mlp`` is not a gated
-    SiLU MLP whose gate and up are one sibling group of exactly these two, gate first."""
+def _is_gated_mlp(mlp: nn.Module) -> bool:
+    """Whether ``mlp`` is a gated SiLU MLP whose gate and up are one sibling group of exactly these
+    two, gate first (the rows ``gemv_h2``'s ``GATED`` epilogue pairs)."""
     gate, up = getattr(mlp, "gate_proj", None), getattr(mlp, "up_proj", None)
-    if not (isinstance(gate, PackedSibling) and isinstance(up, PackedSibling) and gate.group is up.group
+    return (isinstance(gate, PackedSibling) and isinstance(up, PackedSibling) and gate.group is up.group
             and (gate.index, up.index) == (0, 1) and len(gate.group.bounds) == 3
             and gate.out_features == up.out_features and hasattr(mlp, "down_proj")
-            and _is_silu(getattr(mlp, "act_fn", None))):
-        return None
-    return gate.group.linear
+            and _is_silu(getattr(mlp, "act_fn", None)))
 
 
 def _is_silu(act: nn.Module | None) -> bool:

@@ -26,7 +26,8 @@ from torch import nn
 from ._format import PackedWeight
 from ._linear import PackedLinear
 
-__all__ = ["PackedSibling", "PackedSiblings", "can_fuse", "fuse_packed_siblings", "runs", "shared_input_groups"]
+__all__ = ["PackedSibling", "PackedSiblings", "can_fuse", "fuse_packed_siblings", "input_calls", "runs",
+           "shared_input_groups"]
 
 
 class PackedSiblings(nn.Module):
@@ -101,20 +102,27 @@ def can_fuse(a: PackedLinear, b: PackedLinear) -> bool:
             and a.qweight.device == b.qweight.device)
 
 
-def shared_input_groups(model: nn.Module, kind: type[nn.Module], *args, **kwargs) -> list[list[str]]:
-    """Names of the ``kind`` modules that one forward pass ``model(*args, **kwargs)`` hands the very
-    same input tensor, grouped per parent module and input, in call order (groups of one included)."""
-    calls: list[tuple[str, torch.Tensor]] = []  # (name, input), in call order; inputs kept alive
-    hooks = [module.register_forward_pre_hook(lambda _m, inputs, name=name: calls.append((name, inputs[0])))
-             for name, module in model.named_modules() if isinstance(module, kind)]
+def input_calls(model: nn.Module, names: Sequence[str], *args, **kwargs) -> list[tuple[str, torch.Tensor]]:
+    """``(name, first input)`` of every call of the modules ``names`` in one forward pass
+    ``model(*args, **kwargs)``, in call order (calls without a positional input are left out)."""
+    calls: list[tuple[str, torch.Tensor]] = []  # inputs kept alive: identity matters to the caller
+    hooks = [model.get_submodule(name).register_forward_pre_hook(
+        lambda _m, inputs, name=name: calls.append((name, inputs[0])) if inputs else None) for name in names]
     try:
         with torch.no_grad():
             model(*args, **kwargs)
     finally:
         for h in hooks:
             h.remove()
+    return calls
+
+
+def shared_input_groups(model: nn.Module, kind: type[nn.Module], *args, **kwargs) -> list[list[str]]:
+    """Names of the ``kind`` modules that one forward pass ``model(*args, **kwargs)`` hands the very
+    same input tensor, grouped per parent module and input, in call order (groups of one included)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, kind)]
     groups: dict[tuple[str, int], list[str]] = {}
-    for name, x in calls:
+    for name, x in input_calls(model, names, *args, **kwargs):
         group = groups.setdefault((name.rpartition(".")[0], id(x)), [])
         if name not in group:
             group.append(name)

@@ -39,3 +39,21 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     """``||y - ref|| / ||ref||`` in float64 (NaN if ``y`` has any)."""
     y, ref = y.double().cpu(), ref.double().cpu()
     return float((y - ref).norm() / ref.norm())
+
+
+def interpreted(script: str, timeout: int = 900) -> dict:
+    """Run ``tests/kernels/<script>`` in a child process under ``TRITON_INTERPRET=1`` (the
+    interpreter is chosen when triton first compiles, so this process's triton is left as it is)
+    and return the JSON object it prints: case id -> error, or the case's error message."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, str(here / script)], env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path),
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)

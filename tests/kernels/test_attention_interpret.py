@@ -7,16 +7,10 @@ The interpreter is chosen when triton first compiles, so the cases run in one ch
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from attention_cases import CASES, HF_ARCHES
+from packed_cases import interpreted
 
-HERE = Path(__file__).resolve().parent
 pytest.importorskip("triton")
 
 TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2}  # of max |SDPA output|: one rounding of it
@@ -24,12 +18,7 @@ TOL = {"float32": 2e-5, "float16": 2e-3, "bfloat16": 1.5e-2}  # of max |SDPA out
 
 @pytest.fixture(scope="module")
 def results():
-    path = os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
-    proc = subprocess.run([sys.executable, str(HERE / "attention_cases.py")], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return interpreted("attention_cases.py", timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])

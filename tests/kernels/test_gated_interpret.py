@@ -3,25 +3,15 @@ interpreter (one child process with ``TRITON_INTERPRET=1``, as ``test_kernels_in
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from packed_cases import interpreted
 
-HERE = Path(__file__).resolve().parent
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(HERE / "gated_cases.py")], env=env, capture_output=True,
-                          text=True, timeout=900, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return interpreted("gated_cases.py")
 
 
 def test_every_case_ran(results):

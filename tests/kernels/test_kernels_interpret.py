@@ -6,26 +6,16 @@ The interpreter is chosen when triton first compiles, so the cases run in one ch
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from interpret_cases import CASES, DEFAULT_TILE_K
+from packed_cases import interpreted
 
-HERE = Path(__file__).resolve().parent
 pytest.importorskip("triton")
 
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(HERE / "interpret_cases.py")], env=env, capture_output=True,
-                          text=True, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout)
+    return interpreted("interpret_cases.py", timeout=600)
 
 
 @pytest.mark.parametrize("cid", [c[0] for c in CASES] + ["packed_linear_op", "packed_linear_op_m1", "scale_tail_gemv",
