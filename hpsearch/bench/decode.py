@@ -173,6 +173,12 @@ def _set_inductor_pdl(on: bool) -> bool:
     return on
 
 
+def _inductor_flag(name: str) -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(getattr(inductor_config, name, False))
+
+
 def _print_profile(run_step, tokens: int) -> None:
     """The kernels of ``tokens`` steps by total GPU time (stderr): where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -268,6 +274,9 @@ def run(args: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
         "inductor_pdl": inductor_pdl,
+        # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1: Inductor then writes its own one-row matmuls for the
+        # float16 model (kernels/NOTES.md, run 27)
+        "inductor_coordinate_descent_tuning": bool(a.compile and _inductor_flag("coordinate_descent_tuning")),
         "attention": a.attention,
         "attn_implementation": model.config._attn_implementation,
         "layers": a.layers,
