@@ -4,7 +4,7 @@ epilogue (:func:`packed_gated_matmul`), then down_proj.
 :func:`fuse_gated_mlps` does this to the MLPs of a transformers model that have the Llama-family
 shape (``gate_proj``, ``up_proj``, ``down_proj``, a SiLU ``act_fn``; Mistral, Qwen2/3 and others
 share it) once their packed gate and up layers run as one sibling group
-(:func:`fuse_packed_siblings`, which it calls first). It swaps such an MLP's class for a subclass
+(:func:`fuse_packed_siblings`, called before it with the same example). It swaps such an MLP's class for a subclass
 whose ``forward`` is ``down_proj(silu(gate) * up)`` from that one launch; the state dict and every
 other module are untouched. It checks each MLP on the input the example forward pass handed it:
 an MLP whose output changes (a forward that is not ``down(act(gate(x)) * up(x))``) is restored and
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._siblings import PackedSibling, fuse_packed_siblings, input_calls
+from ._siblings import PackedSibling, input_calls
 
 __all__ = ["fuse_gated_mlps", "unfuse_gated_mlps"]
 
@@ -27,11 +27,11 @@ __all__ = ["fuse_gated_mlps", "unfuse_gated_mlps"]
 def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> list[str]:
     """Run the gated MLPs of ``model`` as gate/up with ``silu(gate) * up`` folded in, then down.
 
-    ``model(*args, **kwargs)`` is an example forward pass (it groups the siblings and gives each
-    MLP an input to check itself on: the fused MLP's output must stay within ``rtol`` of the
-    largest output). Returns the fused MLPs' names, in place.
+    Call :func:`fuse_packed_siblings` first: only MLPs whose gate and up are one sibling group are
+    taken. ``model(*args, **kwargs)`` is an example forward pass; it gives each MLP an input to
+    check itself on (the fused MLP's output must stay within ``rtol`` of the largest output).
+    Returns the fused MLPs' names, in place.
     """
-    fuse_packed_siblings(model, *args, **kwargs)
     candidates = [name for name, module in model.named_modules() if _is_gated_mlp(module)]
     inputs: dict[str, torch.Tensor] = {}
     for name, x in input_calls(model, candidates, *args, **kwargs):

@@ -99,7 +99,7 @@ def decode_logits(model, steps: int = 2, prompt: int = 1, step_fn=None) -> torch
 
 
 def mlp_cases(device: str = "cpu") -> dict[str, float | str]:
-    from hpsearch.kernels import fuse_gated_mlps, unfuse_gated_mlps
+    from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings, unfuse_gated_mlps
     from packed_cases import rel_err
 
     out: dict[str, float | str] = {}
@@ -107,7 +107,9 @@ def mlp_cases(device: str = "cpu") -> dict[str, float | str]:
         try:
             model = tiny_model(arch, device)
             ref = decode_logits(model)
-            names = fuse_gated_mlps(model, input_ids=torch.zeros(1, 1, dtype=torch.long, device=device))
+            example = torch.zeros(1, 1, dtype=torch.long, device=device)
+            fuse_packed_siblings(model, input_ids=example)
+            names = fuse_gated_mlps(model, input_ids=example)
             assert names == ["model.layers.0.mlp"] and type(model.model.layers[0].mlp).__name__.startswith("Gated")
             out[f"mlp-{arch}"] = rel_err(decode_logits(model), ref)
             assert unfuse_gated_mlps(model) == 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from gated_cases import decode_logits, tiny_model, unfused
-from hpsearch.kernels import PackedLinear, fuse_gated_mlps
+from hpsearch.kernels import PackedLinear, fuse_gated_mlps, fuse_packed_siblings
 from packed_cases import random_qsz, rel_err
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -27,8 +27,9 @@ def test_gated_op_equals_unfused_steps(bits, rows, k, g):
 def test_gated_mlps_decode_as_transformers(arch):
     model = tiny_model(arch, device="cuda", layers=2, hidden=4096)
     ref = decode_logits(model, steps=3, prompt=7)
-    assert fuse_gated_mlps(model, input_ids=torch.zeros(1, 1, dtype=torch.long, device="cuda")) == [
-        "model.layers.0.mlp", "model.layers.1.mlp"]
+    example = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    fuse_packed_siblings(model, input_ids=example)
+    assert fuse_gated_mlps(model, input_ids=example) == ["model.layers.0.mlp", "model.layers.1.mlp"]
     # the epilogue equals the unfused steps to 1 ulp on a few outputs (run 26: 8 of 11008); greedy
     # decoding through two blocks carries such flips to ~2e-3 of the logits
     assert rel_err(decode_logits(model, steps=3, prompt=7), ref) < 1e-2
@@ -38,7 +39,9 @@ def test_compiled_gated_step_equals_eager():
     from transformers import StaticCache
 
     model = tiny_model("llama", device="cuda", layers=2, hidden=4096)
-    fuse_gated_mlps(model, input_ids=torch.zeros(1, 1, dtype=torch.long, device="cuda"))
+    example = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    fuse_packed_siblings(model, input_ids=example)
+    fuse_gated_mlps(model, input_ids=example)
     eager = decode_logits(model, steps=4, prompt=7)
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=7 + 4 + 2)

@@ -18,6 +18,12 @@ from torch import nn
 EXAMPLE = {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
 
 
+def gate(model) -> list[str]:
+    """Siblings first, as pack_model and the decode bench do, then the gated MLPs."""
+    fuse_packed_siblings(model, **EXAMPLE)
+    return fuse_gated_mlps(model, **EXAMPLE)
+
+
 def test_reference_path_fuses_and_restores():
     model = tiny_model("llama", layers=2)
     ref = decode_logits(model)
@@ -36,20 +42,20 @@ def test_a_float16_down_proj_is_fine():
     model = tiny_model("llama", layers=1)
     model.model.layers[0].mlp.down_proj = nn.Linear(128, 64, bias=False, dtype=torch.float16)
     ref = decode_logits(model)
-    assert fuse_gated_mlps(model, **EXAMPLE) == ["model.layers.0.mlp"]
+    assert gate(model) == ["model.layers.0.mlp"]
     assert rel_err(decode_logits(model), ref) < 1e-3
 
 
 def test_a_float16_gate_stays():
     model = tiny_model("llama", layers=1)
     model.model.layers[0].mlp.gate_proj = nn.Linear(64, 128, bias=False, dtype=torch.float16)
-    assert fuse_gated_mlps(model, **EXAMPLE) == []
+    assert gate(model) == []
 
 
 def test_an_activation_that_is_not_silu_stays():
     model = tiny_model("llama", layers=1)
     model.model.layers[0].mlp.act_fn = nn.GELU()
-    assert fuse_gated_mlps(model, **EXAMPLE) == []
+    assert gate(model) == []
 
 
 def test_an_mlp_whose_forward_is_not_the_gated_one_is_restored():
@@ -61,7 +67,7 @@ def test_an_mlp_whose_forward_is_not_the_gated_one_is_restored():
             return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
     mlp.__class__ = Scaled
-    assert fuse_gated_mlps(model, **EXAMPLE) == []
+    assert gate(model) == []
     assert type(mlp) is Scaled
 
 
@@ -73,3 +79,9 @@ def test_an_odd_row_count_is_refused():
     with pytest.raises(ValueError, match="x has 32 features, the weight expects 64"):
         packed_gated_matmul(torch.randn(1, 32).half(), layer.qweight, layer.scales[:8], layer.qzeros[:8], None, 4,
                             32, 64)
+
+
+def test_separate_gate_and_up_are_left_for_the_siblings_to_group():
+    model = tiny_model("llama", layers=1)
+    assert fuse_gated_mlps(model, **EXAMPLE) == []  # gate and up are still two layers
+    assert gate(model) == ["model.layers.0.mlp"]
