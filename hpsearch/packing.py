@@ -25,8 +25,10 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
 
     With ``example`` (input ids of a short prompt), packed layers that one forward pass hands the
     same input (q/k/v, gate/up) then run as one launch (:func:`hpsearch.kernels.fuse_packed_siblings`),
-    as the measured-latency objective times them, and a gated MLP's gate/up launch leaves
-    ``silu(gate) * up`` itself (:func:`hpsearch.kernels.fuse_gated_mlps`).
+    as the measured-latency objective times them, a gated MLP's gate/up launch leaves
+    ``silu(gate) * up`` itself (:func:`hpsearch.kernels.fuse_gated_mlps`), and at decode steps on a
+    static cache an attention block's q/k/v launch rotates the query and key and writes the cache
+    itself (:func:`hpsearch.kernels.fuse_rope_attention`).
 
     Returns:
         layer name -> ``packed`` (``packed, fused with ...`` for siblings) or the reason it stayed dense.
@@ -55,7 +57,7 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
         setattr(model.get_submodule(parent_name) if parent_name else model, child, packed)
         outcome[name] = "packed"
     if example is not None:
-        from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings
+        from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings, fuse_rope_attention
 
         for group in fuse_packed_siblings(model, example):
             for name in group:
@@ -63,4 +65,7 @@ def pack_model(model: nn.Module, quantized: Mapping[str, QuantizedWeight], *, ch
         for mlp in fuse_gated_mlps(model, example):
             for name in (f"{mlp}.gate_proj", f"{mlp}.up_proj"):
                 outcome[name] += "; silu(gate) * up in the same launch"
+        for attention in fuse_rope_attention(model, example):
+            for name in (f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"):
+                outcome[name] += "; rotary embedding and KV-cache write in the same launch at decode steps"
     return outcome

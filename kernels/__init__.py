@@ -16,7 +16,9 @@ packed model is built from:
 
 :func:`fuse_packed_siblings` then runs the packed layers that read one input (q/k/v, gate/up) as
 one kernel launch each, without touching the model's code, and :func:`fuse_gated_mlps` folds a
-Llama-family MLP's ``silu(gate) * up`` into its gate/up launch (:func:`packed_gated_matmul`).
+Llama-family MLP's ``silu(gate) * up`` into its gate/up launch (:func:`packed_gated_matmul`), and
+:func:`fuse_rope_attention` a Llama-family attention's rotary embedding and KV-cache write into its
+q/k/v launch at decode steps (:func:`packed_qkv_rope`).
 
 :func:`decode_attention` is split-KV attention of a few new tokens over a KV cache (the
 ``hpsearch::decode_attention`` op), and :func:`use_decode_attention` switches a transformers model's
@@ -31,6 +33,8 @@ from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, tr
 from ._linear import PackedLinear
 from ._pack import pack, unpack
 from ._reference import dequantize, matmul_reference
+from ._rope import packed_qkv_rope, qkv_rope_reference
+from ._rope_attention import fuse_rope_attention, unfuse_rope_attention
 from ._siblings import PackedSibling, PackedSiblings, fuse_packed_siblings
 
 __all__ = [
@@ -46,13 +50,17 @@ __all__ = [
     "fingerprint",
     "fuse_gated_mlps",
     "fuse_packed_siblings",
+    "fuse_rope_attention",
     "gated_reference",
     "matmul_reference",
     "pack",
     "packed_gated_matmul",
     "packed_matmul",
+    "packed_qkv_rope",
+    "qkv_rope_reference",
     "triton_enabled",
     "unfuse_gated_mlps",
+    "unfuse_rope_attention",
     "unpack",
     "use_decode_attention",
 ]

@@ -57,7 +57,7 @@ def unfuse_gated_mlps(model: nn.Module) -> int:
     count = 0
     for module in model.modules():
         original = getattr(type(module), "_hpsearch_unfused", None)
-        if original is not None:
+        if original is not None and getattr(type(module), "_hpsearch_gated", False):
             module.__class__ = original
             count += 1
     return count
@@ -99,7 +99,8 @@ def _difference(before: torch.Tensor, after: torch.Tensor) -> float:
 def _gated_class(cls: type) -> type:
     """``cls`` with the folded forward (one subclass per MLP class, so ``torch.compile`` sees an
     ordinary method)."""
-    return type(f"Gated{cls.__name__}", (cls,), {"forward": _gated_forward, "_hpsearch_unfused": cls})
+    return type(f"Gated{cls.__name__}", (cls,), {"forward": _gated_forward, "_hpsearch_unfused": cls,
+                                                  "_hpsearch_gated": True})
 
 
 def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:

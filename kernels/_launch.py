@@ -153,11 +153,13 @@ def triton_enabled(device: torch.device) -> bool:
 
 def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
             bias: torch.Tensor | None, bits: int, group_size: int, in_features: int,
-            config: KernelConfig | None, gated: bool = False) -> torch.Tensor | None:
+            config: KernelConfig | None, gated: bool = False, rope: RotaryTarget | None = None) -> torch.Tensor | None:
     """``x2 [M, K] @ W_hat.T`` with the Triton kernels, or ``None`` if no tile size fits the groups.
 
     ``gated``: ``silu(gate) * up`` of the two halves of the rows, in ``gemv_h2_kernel``'s epilogue
-    (see ``_gated``); ``None`` is returned where that kernel does not run."""
+    (see ``_gated``); ``rope``: the rows are ``[q | k | v]`` heads, the rotated query is returned
+    and the key and value written to ``rope``'s caches (``gemv_h2_rope_kernel``, see ``_rope``).
+    ``None`` is returned where those kernels do not run."""
     m, k = x2.shape
     n, g = scales.shape
     k_pad = padded(k, K_MULTIPLE)
@@ -165,10 +167,12 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     per_channel = group_size >= in_features
     if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
         cfg = dataclasses.replace(cfg, kind="gemv_asm")
-    if gated:
+    if gated or rope is not None:
         if cfg.kind != "gemv_h2" or cfg.block_n % 2:
             return None
         cfg = dataclasses.replace(cfg, split_k=1)  # the epilogue needs whole sums
+        while rope is not None and (rope.head_dim // 2) % (cfg.block_n // 2):  # a program's pairs in one head
+            cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
@@ -180,6 +184,8 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     if split_k > 1:  # partial sums are added atomically: float16 natively, others in float32
         acc_dtype = x2.dtype if x2.dtype == torch.float16 else torch.float32
         y = torch.zeros((m, n), dtype=acc_dtype, device=x2.device)
+    elif rope is not None:
+        y = torch.empty((m, rope.q_heads * rope.head_dim), dtype=x2.dtype, device=x2.device)
     else:
         y = torch.empty((m, n // 2 if gated else n), dtype=x2.dtype, device=x2.device)
     b = bias if bias is not None else scales  # any valid pointer; unused without HAS_BIAS
@@ -196,7 +202,10 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
             kern.gemv_kernel[grid](x2, qweight, scales, qzeros, b, y, **common)
         else:  # inline PTX runs on CUDA only (the interpreter takes the Triton body)
             asm = cfg.kind != "gemv_words" and x2.is_cuda
-            if cfg.kind == "gemv_h2":
+            if rope is not None:
+                _launch_rope(kern, x2, qweight, scales, qzeros, b, y, rope, cfg, asm, groups_per_tile,
+                             k_pad % bk != 0, common)
+            elif cfg.kind == "gemv_h2":
                 if gated:  # a program makes block_n // 2 outputs
                     grid = (triton_cdiv(n // 2, cfg.block_n // 2), split_k, m)
                 kern.gemv_h2_kernel[grid](x2, qweight, scales, qzeros, b, y, ASM=asm, GT=groups_per_tile,
@@ -212,6 +221,35 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     else:
         raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2' or 'dot', got {cfg.kind!r}")
     return y.to(x2.dtype)
+
+
+@dataclass(frozen=True)
+class RotaryTarget:
+    """Where ``gemv_h2_rope_kernel`` puts a fused ``[q | k | v]`` product (see ``_rope``): the token's
+    rotary tables ``cos``/``sin`` (``[batch, 1, head_dim]``), the caches ``[batch, kv_heads, length,
+    head_dim]`` and the 0-dim int64 position written."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    position: torch.Tensor
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _launch_rope(kern, x2, qweight, scales, qzeros, b, q, rope: RotaryTarget, cfg: KernelConfig, asm: bool,
+                 groups_per_tile: int, tail: bool, common: dict) -> None:
+    args = {key: value for key, value in common.items() if key not in ("stride_ym", "SPLIT_K")}
+    kc = rope.k_cache
+    grid = (triton_cdiv(common["N"] // 2, cfg.block_n // 2), 1, x2.shape[0])
+    kern.gemv_h2_rope_kernel[grid](
+        x2, qweight, scales, qzeros, b, q, kc, rope.v_cache, rope.cos, rope.sin, rope.position,
+        stride_qm=q.stride(0), stride_cb=kc.stride(0), stride_ch=kc.stride(1), stride_cs=kc.stride(2),
+        stride_rm=rope.cos.stride(0) if rope.cos.shape[0] > 1 else 0, Q_HEADS=rope.q_heads,
+        KV_HEADS=rope.kv_heads, HEAD_DIM=rope.head_dim, ASM=asm, GT=groups_per_tile, TAIL=tail,
+        **args)
 
 
 def _pairs_readable(x2: torch.Tensor, bits: int) -> bool:

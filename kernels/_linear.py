@@ -8,6 +8,7 @@ from torch import nn
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, check_bits, padded
 from ._gated import packed_gated_matmul
 from ._pack import pack
+from ._rope import packed_qkv_rope
 
 __all__ = ["PackedLinear"]
 
@@ -92,6 +93,16 @@ class PackedLinear(nn.Module):
             x = x / self.in_scale
         return packed_gated_matmul(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits,
                                    self.group_size, self.in_features)
+
+    def qkv_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, position: torch.Tensor, q_heads: int, kv_heads: int) -> torch.Tensor:
+        """The rotated query of one new token per row where this layer's rows are ``[q | k | v]``
+        heads (a fused q/k/v group); the rotated key and the value go into the caches at
+        ``position`` (:func:`packed_qkv_rope`)."""
+        if self.in_scale is not None:
+            x = x / self.in_scale
+        return packed_qkv_rope(x, self.qweight, self.scales, self.qzeros, self.bias, self.bits, self.group_size,
+                               self.in_features, cos, sin, k_cache, v_cache, position, q_heads, kv_heads)
 
     def nbytes(self) -> int:
         """Exact bytes of the layer's stored tensors (codes, scales, zeros, bias, input scale)."""

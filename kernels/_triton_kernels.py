@@ -241,13 +241,15 @@ def _fields_sum(f, xk, BITS: tl.constexpr):
 
 @triton.jit
 def _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BK: tl.constexpr, GATED: tl.constexpr = False):
+                  BK: tl.constexpr, GATED: tl.constexpr = False, HALF: tl.constexpr = 0):
     """What a GEMV program works on: its K split, its activation row, its weight rows (``rn``, and
     ``rows`` clamped to ``N - 1``: rows past N recompute row N-1 and are not stored), that row's
     pointer, and the word pointers of its first tile (for 3 bits, plane 0's: the others follow
     ``K_PAD // 32`` words on). ``GATED``: the weight is a gate's rows then an up projection's
     (``N // 2`` each); the program's rows alternate gate ``r``, up ``r`` for ``BLOCK_N // 2``
-    outputs ``r`` (``rn`` is then the output's, each index twice)."""
+    outputs ``r`` (``rn`` is then the output's, each index twice). ``HALF`` (rotary heads of
+    ``2 * HALF`` rows, ``BLOCK_N // 2`` dividing ``HALF``): the rows alternate ``d`` and ``d + HALF``
+    of one head, ``rn`` the pair's index (``head * HALF + d``, each twice; no program passes N)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -255,6 +257,11 @@ def _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS: tl.constexpr, BLOCK_
         j = tl.arange(0, BLOCK_N)
         rn = pid_n * (BLOCK_N // 2) + j // 2
         rows = (tl.minimum(rn, N // 2 - 1) + (j % 2) * (N // 2)).to(tl.int64)
+    elif HALF > 0:
+        j = tl.arange(0, BLOCK_N)
+        first = pid_n * (BLOCK_N // 2)  # scalar: the program's pairs are d .. d + BLOCK_N / 2 of one head
+        rn = first + j // 2
+        rows = (first + (first // HALF) * HALF + j // 2 + (j % 2) * HALF).to(tl.int64)
     else:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = tl.minimum(rn, N - 1).to(tl.int64)
@@ -829,6 +836,20 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
     """
     pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK,
                                                         GATED)
+    out = _h2_sums(x_row, ptrs, s_ptr, qz_ptr, rows, pid_k, K, K_PAD, G, G_PAD, BITS, GROUP, MASK_K, BLOCK_N,
+                   BK, SPLIT_K, NUM_STAGES, ASM, GT, TAIL)
+    if GATED:
+        _gated_store(out, y_ptr, b_ptr, rows, rn, N, pid_m, stride_ym, HAS_BIAS, BLOCK_N)
+    else:
+        _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
+def _h2_sums(x_row, ptrs, s_ptr, qz_ptr, rows, pid_k, K, K_PAD, G, G_PAD, BITS: tl.constexpr,
+             GROUP: tl.constexpr, MASK_K: tl.constexpr, BLOCK_N: tl.constexpr, BK: tl.constexpr,
+             SPLIT_K: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr, GT: tl.constexpr,
+             TAIL: tl.constexpr):
+    """``gemv_h2``'s K loop: the float32 sums ``[BLOCK_N]`` of a program's rows over its K split."""
     x32 = x_row.to(tl.pointer_type(tl.int32))
     WIDTH: tl.constexpr = 1 if BITS == 3 else BITS  # 3 bits: a unit of 32 codes per word of each plane
     NW: tl.constexpr = BK * WIDTH // 32
@@ -853,11 +874,7 @@ def gemv_h2_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr,
         # the zero, per word (per unit at 3 bits): - s z sum_{c in w} x_c
         acc -= _per_word(st * zt, BLOCK_N, GT, NW // GT) * xw[None, :]
         ptrs += NW * SPLIT_K
-    out = tl.sum(acc, axis=1)
-    if GATED:
-        _gated_store(out, y_ptr, b_ptr, rows, rn, N, pid_m, stride_ym, HAS_BIAS, BLOCK_N)
-    else:
-        _gemv_store(out, y_ptr, b_ptr, rows, rn, N, pid_k, pid_m, stride_ym, HAS_BIAS, SPLIT_K)
+    return tl.sum(acc, axis=1)
 
 
 @triton.jit
@@ -872,3 +889,58 @@ def _gated_store(out, y_ptr, b_ptr, rows, rn, N, pid_m, stride_ym, HAS_BIAS: tl.
     act = (gate / (1.0 + tl.exp(-gate))).to(dt).to(tl.float32)
     rn = tl.reshape(rn, (BLOCK_N // 2, 2)).max(axis=1)  # each output index appears twice
     tl.store(y_ptr + pid_m * stride_ym + rn, (act * up).to(dt), mask=rn < N // 2)
+
+
+@triton.jit
+def gemv_h2_rope_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, q_ptr, kc_ptr, vc_ptr, cos_ptr, sin_ptr, pos_ptr,
+                        N, K, K_PAD, G, G_PAD, stride_xm, stride_qm, stride_cb, stride_ch, stride_cs, stride_rm,
+                        Q_HEADS, KV_HEADS,
+                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, MASK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BK: tl.constexpr, NUM_STAGES: tl.constexpr, ASM: tl.constexpr,
+                        GT: tl.constexpr, TAIL: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """``gemv_h2`` over a fused ``[q | k | v]`` weight (heads of ``HEAD_DIM`` rows) for one new token
+    per activation row (axis 2: the batch), with rotary embedding and the KV-cache write in its
+    epilogue (see ``_rope``): each program's rows alternate ``d`` and ``d + HEAD_DIM / 2`` of a head,
+    the pair rotary embedding mixes. It stores the rotated query ``[Q_HEADS * HEAD_DIM]`` at ``q_ptr``
+    and the rotated key and the value of ``KV_HEADS`` heads in the caches at position ``*pos_ptr``
+    (``[batch, head, position, HEAD_DIM]`` with strides ``stride_cb, stride_ch, stride_cs``, unit
+    last). ``cos_ptr``/``sin_ptr``: the token's ``[HEAD_DIM]`` rotary tables (batch stride
+    ``stride_rm``). No K split: the epilogue needs whole sums."""
+    HALF: tl.constexpr = HEAD_DIM // 2
+    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK,
+                                                        False, HALF)
+    first = tl.program_id(0) * (BLOCK_N // 2)  # the program's pairs share a head: one destination
+    head = first // HALF
+    d = first % HALF + tl.arange(0, BLOCK_N // 2)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + rows).to(tl.float32)
+    out = _h2_sums(x_row, ptrs, s_ptr, qz_ptr, rows, pid_k, K, K_PAD, G, G_PAD, BITS, GROUP, MASK_K, BLOCK_N,
+                   BK, 1, NUM_STAGES, ASM, GT, TAIL)
+    if HAS_BIAS:
+        out += bias
+    # loaded after the K loop: before it, they kept the kernel's 4-bit program at 168 registers a thread
+    # instead of 128 (3 programs an SM for 4), and cost more than their late latency (kernels/NOTES.md, run 28)
+    table = pid_m * stride_rm + d
+    cos_a = tl.load(cos_ptr + table).to(tl.float32)
+    cos_b = tl.load(cos_ptr + table + HALF).to(tl.float32)
+    sin_a = tl.load(sin_ptr + table).to(tl.float32)
+    sin_b = tl.load(sin_ptr + table + HALF).to(tl.float32)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    dt = q_ptr.dtype.element_ty
+    # each projection rounds to float16 (as transformers' q/k/v), the rotation once from float32 (as
+    # Inductor's kernel for transformers' apply_rotary_pos_emb)
+    a, b = tl.split(tl.reshape(out.to(dt).to(tl.float32), (BLOCK_N // 2, 2)))
+    if head < Q_HEADS + KV_HEADS:  # values are not rotated
+        lo = (a * cos_a - b * sin_a).to(dt)  # rotate_half: (-x2, x1)
+        hi = (b * cos_b + a * sin_b).to(dt)
+    else:
+        lo = a.to(dt)
+        hi = b.to(dt)
+    if head < Q_HEADS:
+        dst = q_ptr + pid_m * stride_qm + head * HEAD_DIM
+    elif head < Q_HEADS + KV_HEADS:
+        dst = kc_ptr + pid_m * stride_cb + (head - Q_HEADS) * stride_ch + pos * stride_cs
+    else:
+        dst = vc_ptr + pid_m * stride_cb + (head - Q_HEADS - KV_HEADS) * stride_ch + pos * stride_cs
+    tl.store(dst + d, lo)
+    tl.store(dst + d + HALF, hi)

@@ -20,3 +20,10 @@ def test_a_gated_mlp_without_fused_siblings_is_refused(capsys):
         run(["--mlp", "gated", "--siblings", "separate"])
     assert e.value.code == 2
     assert "--mlp gated needs --siblings fused" in capsys.readouterr().err
+
+
+def test_a_fused_rope_without_fused_siblings_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--rope", "fused", "--siblings", "separate"])
+    assert e.value.code == 2
+    assert "--rope fused needs --siblings fused" in capsys.readouterr().err

@@ -62,7 +62,9 @@ def test_packed_siblings_fused_give_the_same_logits():
     ids = torch.randint(0, 256, (2, 16))
     packed = copy.deepcopy(model)
     outcome = pack_model(packed, ctx.artifacts["quantized"], example=ids[:1, :4])
-    assert outcome["model.layers.0.self_attn.k_proj"] == "packed, fused with q_proj+v_proj"
+    assert outcome["model.layers.0.self_attn.k_proj"] == ("packed, fused with q_proj+v_proj; rotary embedding and "
+                                                         "KV-cache write in the same launch at decode steps")
+    assert type(packed.model.layers[0].self_attn).__name__ == "RopeLlamaAttention"
     assert outcome["model.layers.1.mlp.up_proj"] == "packed, fused with gate_proj; silu(gate) * up in the same launch"
     assert type(packed.model.layers[1].mlp).__name__ == "GatedLlamaMLP"
     assert outcome["model.layers.0.self_attn.o_proj"] == "packed"

@@ -1,15 +1,17 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
 ``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--repeats 5]
-[--bits 4] [--group-size 128] [--compile] [--siblings fused|separate] [--mlp gated|separate]
-[--lm-head fp16|packed]
-[--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--profile]``
+[--bits 4] [--group-size 128] [--compile] [--graphs trees|manual] [--siblings fused|separate] [--mlp gated|separate]
+[--rope fused|separate] [--lm-head fp16|packed]
+[--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--inductor-combo on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
 32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
 One decode step (batch 1, a ``StaticCache``, greedy next token fed back in place) is captured as a
 CUDA graph, by hand (default) or by ``torch.compile(mode="reduce-overhead")`` (``--compile``, which
-also fuses the small elementwise kernels). After a prompt of ``--context`` tokens and warm-up,
+also fuses the small elementwise kernels; ``--graphs manual`` then captures the compiled step in one
+``torch.cuda.CUDAGraph`` replayed by hand, as serving engines do, instead of torch.compile's CUDA
+graph trees, whose per-step host work can exceed a fast model's GPU time). After a prompt of ``--context`` tokens and warm-up,
 tokens/s is the median over ``--repeats`` of ``--tokens`` graph replays timed with CUDA events,
 each repeat decoding positions ``context .. context + tokens`` again (the cache is rewound).
 ``--attention`` picks the SDPA backend of both models (``auto``: PyTorch's choice), or
@@ -23,7 +25,9 @@ head too unless ``--lm-head packed``) and is timed the same way; with ``--siblin
 default) the packed layers that read one input (q/k/v, gate/up) then run as one launch each
 (:func:`hpsearch.kernels.fuse_packed_siblings`), as the measured-latency objective times them, and
 with ``--mlp gated`` (the default with fused siblings) the gate/up launch leaves ``silu(gate) * up`` itself
-(:func:`hpsearch.kernels.fuse_gated_mlps`).
+(:func:`hpsearch.kernels.fuse_gated_mlps`), and with ``--rope fused`` (the default with fused siblings)
+the q/k/v launch of a decode step rotates the query and key and writes the key and value into the
+static cache itself (:func:`hpsearch.kernels.fuse_rope_attention`).
 
 ``fp16_bw_fraction`` is the float16 model's achieved bandwidth (bytes of weights read per token,
 all but the embedding table, over the time per token) as a fraction of
@@ -105,8 +109,10 @@ def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int =
 
 
 def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool,
-                 profile: bool = False) -> dict[str, float]:
-    """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step."""
+                 profile: bool = False, graphs: str = "trees") -> dict[str, float]:
+    """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step: with
+    ``compile_step``, ``graphs="trees"`` is ``torch.compile``'s own (``mode="reduce-overhead"``),
+    ``"manual"`` one ``torch.cuda.CUDAGraph`` of the compiled step."""
     from transformers import StaticCache
 
     from hpsearch.objectives.measured_latency import rewind_static_cache
@@ -126,7 +132,7 @@ def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, comp
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
             return logits[:, -1:].argmax(-1)
 
-        if compile_step:
+        if compile_step and graphs == "trees":
             compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
             def run_step() -> None:
@@ -135,15 +141,18 @@ def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, comp
             for _ in range(warmup):
                 run_step()
         else:
+            # one CUDA graph of the whole step, replayed with nothing else on the host: compiled (Inductor,
+            # no graphs of its own) or eager
+            fn = torch.compile(step, fullgraph=True) if compile_step else step
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(warmup):
-                    step_ids.copy_(step(step_ids))  # compiles the kernels
+                    step_ids.copy_(fn(step_ids))  # compiles the kernels
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                step_ids.copy_(step(step_ids))
+                step_ids.copy_(fn(step_ids))
             run_step = graph.replay
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         samples = []
@@ -213,15 +222,26 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--compile", action="store_true", help='torch.compile(mode="reduce-overhead") the step')
+    p.add_argument("--graphs", choices=("trees", "manual"), default="trees",
+                   help='with --compile: torch.compile\'s CUDA graph trees (mode="reduce-overhead"), or one '
+                        "CUDA graph of the compiled step replayed by hand (no per-step host work: what a "
+                        "serving engine's graph replay costs)")
     p.add_argument("--inductor-pdl", choices=("on", "off"), default="off",
                    help="with --compile: Inductor's kernels use programmatic dependent launch (sm_90+; "
                         "both models alike)")
+    p.add_argument("--inductor-combo", choices=("on", "off"), default="off",
+                   help="with --compile: Inductor's combo kernels, independent small kernels as one launch (the "
+                        "static cache's per-layer length updates; both models alike)")
     p.add_argument("--siblings", choices=("fused", "separate"), default="fused",
                    help="packed layers that read one input (q/k/v, gate/up) as one launch, or one each")
     p.add_argument("--mlp", choices=("gated", "separate"), default=None,
                    help="gated (the default with --siblings fused): the packed model's fused gate/up GEMV "
                         "leaves silu(gate) * up (hpsearch.kernels.fuse_gated_mlps); separate: "
                         "transformers' MLP computes it")
+    p.add_argument("--rope", choices=("fused", "separate"), default=None,
+                   help="fused (the default with --siblings fused): the packed model's q/k/v launch rotates "
+                        "the query and key and writes the static cache (hpsearch.kernels.fuse_rope_attention); "
+                        "separate: transformers' attention does it")
     p.add_argument("--lm-head", choices=("fp16", "packed"), default="fp16",
                    help="the packed model's LM head: float16 as the float16 model's, or packed at --bits too")
     p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math", "hpsearch"), default="auto",
@@ -233,10 +253,17 @@ def run(args: list[str]) -> dict[str, Any]:
         p.error(f"--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32), got {a.kv_heads}")
     if a.mlp == "gated" and a.siblings == "separate":
         p.error("--mlp gated needs --siblings fused (the gate and up rows run as one launch)")
+    if a.rope == "fused" and a.siblings == "separate":
+        p.error("--rope fused needs --siblings fused (the q, k and v rows run as one launch)")
     a.mlp = a.mlp or ("gated" if a.siblings == "fused" else "separate")
+    a.rope = a.rope or ("fused" if a.siblings == "fused" else "separate")
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
     inductor_pdl = _set_inductor_pdl(a.compile and a.inductor_pdl == "on")
+    if a.compile and a.inductor_combo == "on":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.combo_kernels = True
     if a.attention not in ("auto", "hpsearch"):  # only the chosen SDPA backend may run
         torch.backends.cuda.enable_cudnn_sdp(a.attention == "cudnn")
         torch.backends.cuda.enable_mem_efficient_sdp(a.attention == "efficient")
@@ -250,12 +277,12 @@ def run(args: list[str]) -> dict[str, Any]:
 
         if not use_decode_attention(model):
             raise RuntimeError("use_decode_attention refused the model (transformers without AttentionInterface?)")
-    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
+    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
     fp16_bytes = _weight_bytes_per_token(model)
     fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
     print(f"fp16: {fp16}", file=sys.stderr)
     n_packed = pack_block_linears(model, a.bits, a.group_size, lm_head=a.lm_head == "packed")
-    fused, mlps = [], []
+    fused, mlps, ropes = [], [], []
     example = torch.randint(0, model.config.vocab_size, (1, 4), device="cuda")
     if a.siblings == "fused":
         from hpsearch.kernels import fuse_packed_siblings
@@ -265,15 +292,23 @@ def run(args: list[str]) -> dict[str, Any]:
         from hpsearch.kernels import fuse_gated_mlps
 
         mlps = fuse_gated_mlps(model, input_ids=example)
+    if a.rope == "fused":
+        from hpsearch.kernels import fuse_rope_attention
+
+        ropes = fuse_rope_attention(model, example)
+        if not ropes:
+            raise RuntimeError("fuse_rope_attention refused the model (its check failed); try --rope separate")
     torch._dynamo.reset()
-    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile)
+    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
     packed_bytes = _weight_bytes_per_token(model)
     return {
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
-        "mode": "torch.compile(reduce-overhead)" if a.compile else "manual CUDA graph of the eager step",
+        "mode": ("manual CUDA graph of the eager step" if not a.compile else "torch.compile(reduce-overhead)"
+                 if a.graphs == "trees" else "manual CUDA graph of the torch.compile'd step"),
         "inductor_pdl": inductor_pdl,
+        "inductor_combo_kernels": bool(a.compile and _inductor_flag("combo_kernels")),
         # TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1: Inductor then writes its own one-row matmuls for the
         # float16 model (kernels/NOTES.md, run 27)
         "inductor_coordinate_descent_tuning": bool(a.compile and _inductor_flag("coordinate_descent_tuning")),
@@ -293,5 +328,6 @@ def run(args: list[str]) -> dict[str, Any]:
         "packed_linears": n_packed,
         "fused_sibling_groups": len(fused),
         "gated_mlps": len(mlps),
+        "rope_attention": len(ropes),
         "lm_head": a.lm_head,
     }

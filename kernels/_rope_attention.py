@@ -1,0 +1,179 @@
+"""Decode steps of packed attention blocks with rotary embedding and the cache write folded into the
+q/k/v launch (:func:`packed_qkv_rope`).
+
+:func:`fuse_rope_attention` does this to the attention modules of a transformers model that have
+the Llama-family shape (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and nothing else: no per-head
+norms; Mistral, Qwen2 and others share it) once their packed q/k/v layers run as one sibling group
+(:func:`fuse_packed_siblings`, called first). It swaps such a module's class for a subclass whose
+``forward``, for one new token per batch row on a transformers ``StaticCache`` layer, runs the
+q/k/v launch (rotated query out, rotated key and value into the cache), advances the layer's
+length, and calls the model's attention function and ``o_proj`` as the original forward does;
+everything else (prefill, dynamic caches, sliding-window layers) goes to the original forward.
+
+It checks the model: a prompt and one decode step on a fresh ``StaticCache``, with and without the
+swap, must give the same logits (within ``rtol``), and the fused path must have run in every
+module it keeps. Otherwise every module is restored and nothing is fused (a model whose attention
+does more than the Llama-family steps, or a transformers version whose static cache this does not
+know).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import torch
+from torch import nn
+
+from ._siblings import PackedSibling
+
+__all__ = ["fuse_rope_attention", "unfuse_rope_attention"]
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_ran: set[int] | None = None  # ids of the modules whose fused path ran, while fuse_rope_attention checks
+
+
+def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float = 1e-2) -> list[str]:
+    """Fold rotary embedding and the KV-cache write of ``model``'s decode steps into the q/k/v launch.
+
+    Call :func:`fuse_packed_siblings` first: only attention modules whose q, k and v are one sibling
+    group are taken. ``input_ids`` (``[batch, tokens]``) is the check's prompt; its last token is
+    then decoded again as one step. Returns the fused modules' names, in place (empty when the
+    check fails: then nothing is changed).
+    """
+    global _ran
+    candidates = [name for name, module in model.named_modules() if _is_rope_attention(module)]
+    if not candidates:
+        return []
+    try:
+        before = _decode_step_logits(model, input_ids)
+    except Exception:  # noqa: BLE001 - a model this cannot drive is left as it is
+        return []
+    modules = [model.get_submodule(name) for name in candidates]
+    for module in modules:
+        module.__class__ = _rope_class(type(module))
+    _ran = set()
+    try:
+        after = _decode_step_logits(model, input_ids)
+        ran = _ran
+    except Exception:  # noqa: BLE001 - restored below
+        after, ran = None, set()
+    finally:
+        _ran = None
+    if after is None or _difference(before, after) > rtol or any(id(m) not in ran for m in modules):
+        for module in modules:
+            module.__class__ = type(module)._hpsearch_unfused
+        return []
+    return candidates
+
+
+def unfuse_rope_attention(model: nn.Module) -> int:
+    """Undo :func:`fuse_rope_attention` (the sibling groups stay); returns how many modules."""
+    count = 0
+    for module in model.modules():
+        original = getattr(type(module), "_hpsearch_unfused", None)
+        if original is not None and getattr(type(module), "_hpsearch_rope", False):
+            module.__class__ = original
+            count += 1
+    return count
+
+
+def _is_rope_attention(module: nn.Module) -> bool:
+    """Whether ``module`` is a Llama-family attention whose q, k and v are one sibling group of
+    exactly these three, in that order, made of heads of ``head_dim`` rows."""
+    q, k, v = (getattr(module, name, None) for name in _PROJECTIONS[:3])
+    if not all(isinstance(p, PackedSibling) for p in (q, k, v)):
+        return False
+    group = q.group
+    head_dim = getattr(module, "head_dim", None)
+    children = {name for name, child in module.named_children() if child is not group}
+    return (k.group is group and v.group is group and (q.index, k.index, v.index) == (0, 1, 2)
+            and len(group.bounds) == 4 and children == set(_PROJECTIONS) and isinstance(head_dim, int)
+            and head_dim % 2 == 0 and q.out_features % head_dim == 0 and k.out_features == v.out_features
+            and k.out_features % head_dim == 0 and isinstance(getattr(module, "layer_idx", None), int)
+            and hasattr(getattr(module, "config", None), "_attn_implementation"))
+
+
+def _decode_step_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of ``input_ids``'s last token decoded as one step after the whole prompt, on a fresh
+    static cache."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + 2)
+    with torch.no_grad():
+        model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        return model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+
+
+def _difference(before: torch.Tensor, after: torch.Tensor) -> float:
+    if not torch.equal(torch.isfinite(before), torch.isfinite(after)):
+        return float("inf")
+    finite = torch.isfinite(before)
+    if not finite.any():
+        return 0.0
+    return ((after[finite] - before[finite]).abs().max() / before[finite].abs().max().clamp_min(1e-6)).item()
+
+
+@functools.cache
+def _rope_class(cls: type) -> type:
+    """``cls`` with the fused decode step (one subclass per attention class, so ``torch.compile``
+    sees an ordinary method)."""
+    return type(f"Rope{cls.__name__}", (cls,), {"forward": _rope_forward, "_hpsearch_unfused": cls,
+                                                 "_hpsearch_rope": True})
+
+
+def _static_layer(cache, layer_idx: int, hidden_states: torch.Tensor):
+    """The cache's layer ``layer_idx`` where the fused step can write it: a plain transformers
+    ``StaticLayer`` (not sliding), already allocated for this batch and dtype."""
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:
+        return None
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    layer = layers[layer_idx]
+    if (type(layer) is not StaticLayer or not getattr(layer, "is_initialized", False)
+            or not hasattr(layer, "cumulative_length")):
+        return None
+    keys = layer.keys
+    if keys.shape[0] != hidden_states.shape[0] or keys.dtype != hidden_states.dtype:
+        return None
+    return layer
+
+
+def _rope_forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
+                  past_key_values=None, **kwargs):
+    layer = _static_layer(past_key_values, self.layer_idx, hidden_states)
+    if layer is None or position_embeddings is None or hidden_states.shape[1] != 1:
+        return self._hpsearch_unfused.forward(self, hidden_states, position_embeddings, attention_mask,
+                                              past_key_values, **kwargs)
+    if _ran is not None:
+        _ran.add(id(self))
+    batch = hidden_states.shape[0]
+    cos, sin = position_embeddings
+    kv_heads = self.k_proj.out_features // self.head_dim
+    # the key and value land at the layer's length, then the layer grows as its own update would
+    q = self.q_proj.group.linear.qkv_rope(hidden_states, cos, sin, layer.keys, layer.values,
+                                          layer.cumulative_length, self.q_proj.out_features // self.head_dim,
+                                          kv_heads)
+    layer.cumulative_length.add_(1)
+    query = q.view(batch, 1, -1, self.head_dim).transpose(1, 2)
+    extra = {"sliding_window": self.sliding_window} if hasattr(self, "sliding_window") else {}
+    attn_output, attn_weights = _attention_function(self)(
+        self, query, layer.keys, layer.values, attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout, scaling=self.scaling, **extra, **kwargs)
+    attn_output = attn_output.reshape(batch, 1, -1).contiguous()
+    return self.o_proj(attn_output), attn_weights
+
+
+def _attention_function(module: nn.Module):
+    """The attention function the original forward would call: the configured implementation, or
+    the model's own eager one."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    eager = sys.modules[type(module)._hpsearch_unfused.__module__].eager_attention_forward
+    implementation = module.config._attn_implementation
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    return eager if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]

@@ -1,0 +1,133 @@
+"""fuse_rope_attention and packed_qkv_rope: which attention modules it takes, what it leaves, errors
+(CPU, the PyTorch reference path)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gated_cases import decode_logits, tiny_model
+from hpsearch.kernels import (
+    PackedLinear,
+    fuse_gated_mlps,
+    fuse_packed_siblings,
+    fuse_rope_attention,
+    packed_qkv_rope,
+    unfuse_gated_mlps,
+    unfuse_rope_attention,
+)
+from packed_cases import random_qsz, rel_err
+from rope_cases import HEADS, op_case, rope_tables
+from torch import nn
+
+EXAMPLE = torch.zeros(1, 2, dtype=torch.long)
+
+
+def rope(model) -> list[str]:
+    """Siblings first, as pack_model and the decode bench do, then the attention modules."""
+    fuse_packed_siblings(model, input_ids=EXAMPLE)
+    return fuse_rope_attention(model, EXAMPLE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_reference_path_fuses_and_restores(arch):
+    model = tiny_model(arch, layers=2)
+    ref = decode_logits(model, steps=3, prompt=3)
+    fuse_packed_siblings(model, input_ids=EXAMPLE)
+    state = model.state_dict()
+    assert fuse_rope_attention(model, EXAMPLE) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert rel_err(decode_logits(model, steps=3, prompt=3), ref) < 2e-3
+    after = model.state_dict()  # the same tensors: only the attention modules' forward changed
+    assert after.keys() == state.keys() and all(after[k].data_ptr() == v.data_ptr() for k, v in state.items())
+    assert unfuse_rope_attention(model) == 2
+    assert all(not type(b.self_attn).__name__.startswith("Rope") for b in model.model.layers)
+    assert rel_err(decode_logits(model, steps=3, prompt=3), ref) == 0.0
+
+
+def test_gated_and_rope_fusions_undo_separately():
+    model = tiny_model("llama", layers=1)
+    fuse_packed_siblings(model, input_ids=EXAMPLE)
+    assert fuse_gated_mlps(model, input_ids=EXAMPLE) == ["model.layers.0.mlp"]
+    assert fuse_rope_attention(model, EXAMPLE) == ["model.layers.0.self_attn"]
+    assert unfuse_gated_mlps(model) == 1
+    assert type(model.model.layers[0].self_attn).__name__ == "RopeLlamaAttention"
+    assert unfuse_rope_attention(model) == 1
+    assert type(model.model.layers[0].self_attn).__name__ == "LlamaAttention"
+
+
+def test_other_caches_and_prefill_take_the_original_forward():
+    from transformers import DynamicCache
+
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(0, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(1))
+
+    def dynamic_decode():
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad():
+            model(input_ids=ids[:, :4], past_key_values=cache, use_cache=True)
+            return model(input_ids=ids[:, 4:], past_key_values=cache, use_cache=True).logits
+
+    before = dynamic_decode()
+    assert rope(model) == ["model.layers.0.self_attn"]
+    assert torch.equal(dynamic_decode(), before)
+
+
+def test_attention_with_per_head_norms_stays():
+    # Qwen3 normalises each query and key head before rotary embedding: not the Llama-family steps
+    model = tiny_model("qwen3", layers=1)
+    assert rope(model) == []
+    assert type(model.model.layers[0].self_attn).__name__ == "Qwen3Attention"
+
+
+def test_ungrouped_projections_stay():
+    model = tiny_model("llama", layers=1)
+    assert fuse_rope_attention(model, EXAMPLE) == []  # fuse_packed_siblings was not called
+
+
+def test_a_float16_key_projection_stays():
+    model = tiny_model("llama", layers=1)
+    model.model.layers[0].self_attn.k_proj = nn.Linear(64, 32, bias=False, dtype=torch.float16)
+    assert rope(model) == []
+
+
+def test_an_attention_whose_forward_is_not_the_llama_one_is_restored():
+    model = tiny_model("llama", layers=1)
+    attention = model.model.layers[0].self_attn
+
+    class Scaled(type(attention)):  # same modules, another forward: the decode check catches it
+        def forward(self, *args, **kwargs):
+            out, weights = super().forward(*args, **kwargs)
+            return 2 * out, weights
+
+    attention.__class__ = Scaled
+    assert rope(model) == []
+    assert type(attention) is Scaled
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_reference_steps_write_only_the_position(batch):
+    # CPU without the interpreter: the unfused steps (a batch of rows, each its own rotary table)
+    eq, ek, ev, untouched, kernel = op_case(4, HEADS[0], batch, with_bias=True, position=6, length=8)
+    assert (eq, ek, ev, untouched, kernel) == (0.0, 0.0, 0.0, True, False)
+
+
+def test_bad_inputs_are_refused_with_the_name_and_what_is_allowed():
+    hq, hkv, d, k, g = HEADS[0]
+    q, s, z = random_qsz((hq + 2 * hkv) * d, k, g, 4)
+    layer = PackedLinear.from_quantized(q, s, z, 4, g)
+    cos, sin = rope_tables(1, d, 0)
+    kc = torch.zeros(1, hkv, 4, d, dtype=torch.float16)
+    pos = torch.tensor(1)
+    x = torch.randn(1, 1, k).half()
+    with pytest.raises(ValueError, match=r"x must be \[batch, 1, features\] \(one new token per row\), got \(1, 2, 96\)"):
+        layer.qkv_rope(torch.randn(1, 2, k).half(), cos, sin, kc, kc.clone(), pos, hq, hkv)
+    with pytest.raises(ValueError, match=r"not q/k/v heads of 16 \(4 \+ 2 x 1 heads"):
+        layer.qkv_rope(x, cos, sin, kc[:, :1], kc[:, :1].clone(), pos, hq, 1)
+    with pytest.raises(ValueError, match=r"k_cache and v_cache must be \[1, 2, length, 16\]"):
+        layer.qkv_rope(x, cos, sin, kc, kc[:, :, :3].clone(), pos, hq, hkv)
+    with pytest.raises(ValueError, match=r"cos and sin must be \[batch or 1, 1, 16\]"):
+        layer.qkv_rope(x, cos[..., :8], sin[..., :8], kc, kc.clone(), pos, hq, hkv)
+    with pytest.raises(ValueError, match="position must be a 0-dim integer tensor"):
+        layer.qkv_rope(x, cos, sin, kc, kc.clone(), torch.tensor([1]), hq, hkv)
+    with pytest.raises(ValueError, match="x has 64 features, the weight expects 96"):
+        packed_qkv_rope(torch.randn(1, 1, 64).half(), layer.qweight, layer.scales, layer.qzeros, None, 4, g, k,
+                        cos, sin, kc, kc.clone(), pos, hq, hkv)
