@@ -13,13 +13,12 @@ left out.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._siblings import PackedSibling, input_calls
+from ._swap import difference, restore, swapped_class, unswap
 
 __all__ = ["fuse_gated_mlps", "unfuse_gated_mlps"]
 
@@ -43,24 +42,18 @@ def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> li
             continue
         with torch.no_grad():
             before = mlp(x)
-            mlp.__class__ = _gated_class(type(mlp))
+            mlp.__class__ = swapped_class(type(mlp), "Gated", _gated_forward)
             after = mlp(x)
-        if _difference(before, after) <= rtol:
+        if difference(before, after) <= rtol:
             fused.append(name)
         else:
-            mlp.__class__ = type(mlp)._hpsearch_unfused
+            restore(mlp)
     return fused
 
 
 def unfuse_gated_mlps(model: nn.Module) -> int:
     """Undo :func:`fuse_gated_mlps` (the sibling groups stay); returns how many MLPs."""
-    count = 0
-    for module in model.modules():
-        original = getattr(type(module), "_hpsearch_unfused", None)
-        if original is not None and getattr(type(module), "_hpsearch_gated", False):
-            module.__class__ = original
-            count += 1
-    return count
+    return unswap(model, "Gated")
 
 
 def _is_gated_mlp(mlp: nn.Module) -> bool:
@@ -82,25 +75,6 @@ def _is_silu(act: nn.Module | None) -> bool:
             return torch.equal(act(probe), F.silu(probe))
         except (TypeError, RuntimeError):
             return False
-
-
-def _difference(before: torch.Tensor, after: torch.Tensor) -> float:
-    """Largest difference over the largest output; infinite if they disagree on what is finite."""
-    finite = torch.isfinite(before)
-    if not torch.equal(finite, torch.isfinite(after)):
-        return float("inf")
-    if not finite.any():
-        return 0.0
-    b, a = before[finite].float(), after[finite].float()
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-6)).item()
-
-
-@functools.cache
-def _gated_class(cls: type) -> type:
-    """``cls`` with the folded forward (one subclass per MLP class, so ``torch.compile`` sees an
-    ordinary method)."""
-    return type(f"Gated{cls.__name__}", (cls,), {"forward": _gated_forward, "_hpsearch_unfused": cls,
-                                                  "_hpsearch_gated": True})
 
 
 def _gated_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,18 +19,19 @@ know).
 
 from __future__ import annotations
 
-import functools
 import sys
 
 import torch
 from torch import nn
 
 from ._siblings import PackedSibling
+from ._swap import difference, restore, swapped_class, unswap
 
 __all__ = ["fuse_rope_attention", "unfuse_rope_attention"]
 
 _PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _ran: set[int] | None = None  # ids of the modules whose fused path ran, while fuse_rope_attention checks
+_StaticLayer: type | None = None  # transformers' static cache layer, found by fuse_rope_attention
 
 
 def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float = 1e-2) -> list[str]:
@@ -41,7 +42,12 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float =
     then decoded again as one step. Returns the fused modules' names, in place (empty when the
     check fails: then nothing is changed).
     """
-    global _ran
+    global _ran, _StaticLayer
+    try:
+        from transformers.cache_utils import StaticLayer
+    except ImportError:  # a transformers version without cache layers: nothing to write into
+        return []
+    _StaticLayer = StaticLayer
     candidates = [name for name, module in model.named_modules() if _is_rope_attention(module)]
     if not candidates:
         return []
@@ -51,7 +57,7 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float =
         return []
     modules = [model.get_submodule(name) for name in candidates]
     for module in modules:
-        module.__class__ = _rope_class(type(module))
+        module.__class__ = swapped_class(type(module), "Rope", _rope_forward)
     _ran = set()
     try:
         after = _decode_step_logits(model, input_ids)
@@ -60,22 +66,16 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float =
         after, ran = None, set()
     finally:
         _ran = None
-    if after is None or _difference(before, after) > rtol or any(id(m) not in ran for m in modules):
+    if after is None or difference(before, after) > rtol or any(id(m) not in ran for m in modules):
         for module in modules:
-            module.__class__ = type(module)._hpsearch_unfused
+            restore(module)
         return []
     return candidates
 
 
 def unfuse_rope_attention(model: nn.Module) -> int:
     """Undo :func:`fuse_rope_attention` (the sibling groups stay); returns how many modules."""
-    count = 0
-    for module in model.modules():
-        original = getattr(type(module), "_hpsearch_unfused", None)
-        if original is not None and getattr(type(module), "_hpsearch_rope", False):
-            module.__class__ = original
-            count += 1
-    return count
+    return unswap(model, "Rope")
 
 
 def _is_rope_attention(module: nn.Module) -> bool:
@@ -105,35 +105,14 @@ def _decode_step_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tens
         return model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
 
 
-def _difference(before: torch.Tensor, after: torch.Tensor) -> float:
-    if not torch.equal(torch.isfinite(before), torch.isfinite(after)):
-        return float("inf")
-    finite = torch.isfinite(before)
-    if not finite.any():
-        return 0.0
-    return ((after[finite] - before[finite]).abs().max() / before[finite].abs().max().clamp_min(1e-6)).item()
-
-
-@functools.cache
-def _rope_class(cls: type) -> type:
-    """``cls`` with the fused decode step (one subclass per attention class, so ``torch.compile``
-    sees an ordinary method)."""
-    return type(f"Rope{cls.__name__}", (cls,), {"forward": _rope_forward, "_hpsearch_unfused": cls,
-                                                 "_hpsearch_rope": True})
-
-
 def _static_layer(cache, layer_idx: int, hidden_states: torch.Tensor):
     """The cache's layer ``layer_idx`` where the fused step can write it: a plain transformers
     ``StaticLayer`` (not sliding), already allocated for this batch and dtype."""
-    try:
-        from transformers.cache_utils import StaticLayer
-    except ImportError:
-        return None
     layers = getattr(cache, "layers", None)
     if layers is None or layer_idx >= len(layers):
         return None
     layer = layers[layer_idx]
-    if (type(layer) is not StaticLayer or not getattr(layer, "is_initialized", False)
+    if (_StaticLayer is None or type(layer) is not _StaticLayer or not getattr(layer, "is_initialized", False)
             or not hasattr(layer, "cumulative_length")):
         return None
     keys = layer.keys

@@ -907,7 +907,7 @@ def gemv_h2_rope_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, q_ptr, kc_ptr, vc_p
     last). ``cos_ptr``/``sin_ptr``: the token's ``[HEAD_DIM]`` rotary tables (batch stride
     ``stride_rm``). No K split: the epilogue needs whole sums."""
     HALF: tl.constexpr = HEAD_DIM // 2
-    pid_k, pid_m, rn, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK,
+    pid_k, pid_m, _, rows, x_row, ptrs = _gemv_program(x_ptr, qw_ptr, N, K_PAD, stride_xm, BITS, BLOCK_N, BK,
                                                         False, HALF)
     first = tl.program_id(0) * (BLOCK_N // 2)  # the program's pairs share a head: one destination
     head = first // HALF

@@ -128,13 +128,20 @@ def wide_tiles_table(path: str) -> None:
         json.dump({f"1:{k}x{n}:4": tile for k in (64, 128) for n in (32, 64, 128, 256)}, f)
 
 
-if __name__ == "__main__":
+def print_cases(*producers) -> None:
+    """Run the case producers on the tiny models' wide tiles and print their merged JSON object (the
+    ``__main__`` of the interpreter case scripts)."""
     import os
     import tempfile
 
     table = os.path.join(tempfile.mkdtemp(), "tiles.json")
     wide_tiles_table(table)
     os.environ["HPSEARCH_KERNEL_TUNING"] = table  # read on the first launch
-    cases = dict(op_cases())
-    cases.update(mlp_cases())
+    cases: dict = {}
+    for produce in producers:
+        cases.update(produce())
     json.dump(cases, sys.stdout)
+
+
+if __name__ == "__main__":
+    print_cases(op_cases, mlp_cases)

@@ -9,9 +9,6 @@ the error message.
 
 from __future__ import annotations
 
-import json
-import sys
-
 import torch
 
 # (query heads, kv heads, head_dim, K, group size): grouped queries, as many kv heads as query heads,
@@ -98,14 +95,6 @@ def model_cases(device: str = "cpu") -> dict[str, float | str]:
 
 
 if __name__ == "__main__":
-    import os
-    import tempfile
+    from gated_cases import print_cases
 
-    from gated_cases import wide_tiles_table
-
-    table = os.path.join(tempfile.mkdtemp(), "tiles.json")
-    wide_tiles_table(table)
-    os.environ["HPSEARCH_KERNEL_TUNING"] = table  # read on the first launch
-    cases = dict(op_cases())
-    cases.update(model_cases())
-    json.dump(cases, sys.stdout)
+    print_cases(op_cases, model_cases)

@@ -16,7 +16,7 @@ from hpsearch.kernels import (
     unfuse_rope_attention,
 )
 from packed_cases import random_qsz, rel_err
-from rope_cases import HEADS, op_case, rope_tables
+from rope_cases import HEADS, rope_tables
 from torch import nn
 
 EXAMPLE = torch.zeros(1, 2, dtype=torch.long)
@@ -104,10 +104,25 @@ def test_an_attention_whose_forward_is_not_the_llama_one_is_restored():
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_reference_steps_write_only_the_position(batch):
-    # CPU without the interpreter: the unfused steps (a batch of rows, each its own rotary table)
-    eq, ek, ev, untouched, kernel = op_case(4, HEADS[0], batch, with_bias=True, position=6, length=8)
-    assert (eq, ek, ev, untouched, kernel) == (0.0, 0.0, 0.0, True, False)
+def test_unfused_steps_are_transformers_rotary_embedding(batch):
+    # CPU without the interpreter: the unfused steps, a batch of rows each at its own position, against
+    # transformers' apply_rotary_pos_emb on the split product and a cache written by hand
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    hq, hkv, d, k, g = HEADS[0]
+    q, s, z = random_qsz((hq + 2 * hkv) * d, k, g, 4, seed=batch)
+    bias = torch.randn((hq + 2 * hkv) * d).half()
+    layer = PackedLinear.from_quantized(q, s, z, 4, g, bias=bias)
+    x = (torch.randn(batch, 1, k) * 4).half()
+    cos, sin = rope_tables(batch, d, 6)
+    kc, vc = torch.zeros(batch, hkv, 8, d).half(), torch.zeros(batch, hkv, 8, d).half()
+    got = layer.qkv_rope(x, cos, sin, kc, vc, torch.tensor(6), hq, hkv)
+    y = layer(x).float()
+    heads = [t.reshape(batch, 1, -1, d).transpose(1, 2) for t in y.split([hq * d, hkv * d, hkv * d], dim=-1)]
+    q_ref, k_ref = apply_rotary_pos_emb(heads[0], heads[1], cos.float(), sin.float())
+    assert rel_err(got, q_ref.transpose(1, 2).reshape(batch, 1, -1)) < 1e-3
+    assert rel_err(kc[:, :, 6], k_ref[:, :, 0]) < 1e-3 and rel_err(vc[:, :, 6], heads[2][:, :, 0]) < 1e-3
+    assert not kc[:, :, :6].any() and not kc[:, :, 7:].any() and not vc[:, :, :6].any() and not vc[:, :, 7:].any()
 
 
 def test_bad_inputs_are_refused_with_the_name_and_what_is_allowed():
@@ -131,3 +146,35 @@ def test_bad_inputs_are_refused_with_the_name_and_what_is_allowed():
     with pytest.raises(ValueError, match="x has 64 features, the weight expects 96"):
         packed_qkv_rope(torch.randn(1, 1, 64).half(), layer.qweight, layer.scales, layer.qzeros, None, 4, g, k,
                         cos, sin, kc, kc.clone(), pos, hq, hkv)
+
+
+def test_torch_compile_traces_the_fused_step_whole():
+    # what the GPU's compiled decode relies on: dynamo follows the swapped forward (fullgraph) and the
+    # step's graph calls the fused op, whose writes land in the cache as in eager mode
+    from transformers import StaticCache
+
+    model = tiny_model("llama", layers=1)
+    assert rope(model) == ["model.layers.0.self_attn"]
+    ids = torch.randint(0, model.config.vocab_size, (1, 4), generator=torch.Generator().manual_seed(2))
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    results = []
+    for compiled in (False, True):
+        cache = StaticCache(config=model.config, max_cache_len=6)
+        torch._dynamo.reset()
+
+        def step(t, cache=cache):
+            return model(input_ids=t, past_key_values=cache, use_cache=True).logits
+
+        run = torch.compile(step, backend=backend, fullgraph=True) if compiled else step
+        with torch.no_grad():
+            model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
+            results.append((run(ids[:, 3:]), cache.layers[0].keys.clone(), cache.layers[0].cumulative_length.item()))
+    calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert any("packed_qkv_rope" in c for c in calls), calls
+    (eager, keys, length), (traced, traced_keys, traced_length) = results
+    assert torch.equal(eager, traced) and torch.equal(keys, traced_keys) and length == traced_length == 4
