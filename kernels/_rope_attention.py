@@ -11,8 +11,8 @@ length, and calls the model's attention function and ``o_proj`` as the original 
 everything else (prefill, dynamic caches, sliding-window layers) goes to the original forward.
 
 It checks the model: a prompt and one decode step on a fresh ``StaticCache``, with and without the
-swap, must give the same logits (within ``rtol``), and the fused path must have run in every
-module it keeps. Otherwise every module is restored and nothing is fused (a model whose attention
+swap, must give the same logits and write the same keys and values into the cache (each within
+``rtol`` of its largest value), and the fused path must have run in every module it keeps. Otherwise every module is restored and nothing is fused (a model whose attention
 does more than the Llama-family steps, or a transformers version whose static cache this does not
 know).
 """
@@ -34,13 +34,15 @@ _ran: set[int] | None = None  # ids of the modules whose fused path ran, while f
 _StaticLayer: type | None = None  # transformers' static cache layer, found by fuse_rope_attention
 
 
-def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float = 1e-2) -> list[str]:
+def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None, rtol: float = 1e-2) -> list[str]:
     """Fold rotary embedding and the KV-cache write of ``model``'s decode steps into the q/k/v launch.
 
     Call :func:`fuse_packed_siblings` first: only attention modules whose q, k and v are one sibling
-    group are taken. ``input_ids`` (``[batch, tokens]``) is the check's prompt; its last token is
-    then decoded again as one step. Returns the fused modules' names, in place (empty when the
-    check fails: then nothing is changed).
+    group are taken. ``input_ids`` (``[batch, tokens]``, on the model's device) is the check's
+    prompt, by default 8 random tokens (a prompt of padding tokens, whose embeddings may be zero,
+    would check nothing); its last token is then decoded again as one step, and the logits and the
+    keys and values it writes are compared. Returns the fused modules' names, in place (empty when
+    the check fails: then nothing is changed).
     """
     global _ran, _StaticLayer
     try:
@@ -51,8 +53,12 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float =
     candidates = [name for name, module in model.named_modules() if _is_rope_attention(module)]
     if not candidates:
         return []
+    if input_ids is None:
+        device = model.get_submodule(candidates[0]).q_proj.group.linear.qweight.device
+        vocab = getattr(model.config, "vocab_size", None) or 2
+        input_ids = torch.randint(0, vocab, (1, 8), generator=torch.Generator().manual_seed(0)).to(device)
     try:
-        before = _decode_step_logits(model, input_ids)
+        before = _decode_step(model, input_ids)
     except Exception:  # noqa: BLE001 - a model this cannot drive is left as it is
         return []
     modules = [model.get_submodule(name) for name in candidates]
@@ -60,13 +66,14 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor, rtol: float =
         module.__class__ = swapped_class(type(module), "Rope", _rope_forward)
     _ran = set()
     try:
-        after = _decode_step_logits(model, input_ids)
+        after = _decode_step(model, input_ids)
         ran = _ran
     except Exception:  # noqa: BLE001 - restored below
         after, ran = None, set()
     finally:
         _ran = None
-    if after is None or difference(before, after) > rtol or any(id(m) not in ran for m in modules):
+    if (after is None or any(difference(b, a) > rtol for b, a in zip(before, after))
+            or any(id(m) not in ran for m in modules)):
         for module in modules:
             restore(module)
         return []
@@ -91,18 +98,24 @@ def _is_rope_attention(module: nn.Module) -> bool:
             and len(group.bounds) == 4 and children == set(_PROJECTIONS) and isinstance(head_dim, int)
             and head_dim % 2 == 0 and q.out_features % head_dim == 0 and k.out_features == v.out_features
             and k.out_features % head_dim == 0 and isinstance(getattr(module, "layer_idx", None), int)
-            and hasattr(getattr(module, "config", None), "_attn_implementation"))
+            and hasattr(getattr(module, "config", None), "_attn_implementation")
+            # clipped q/k/v (OLMo's clip_qkv): a step the check's prompt may never trigger
+            and getattr(module.config, "clip_qkv", None) is None)
 
 
-def _decode_step_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Logits of ``input_ids``'s last token decoded as one step after the whole prompt, on a fresh
-    static cache."""
+def _decode_step(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """The logits of ``input_ids``'s last token decoded as one step after the whole prompt, on a
+    fresh static cache, then the key and value that step wrote in each layer's cache. The keys show a
+    wrong rotation plainly; the logits of a small random model may hardly move with one (its
+    attention is nearly uniform)."""
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=input_ids.shape[1] + 2)
     with torch.no_grad():
         model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        return model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1].float()
+        logits = model(input_ids=input_ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    written = [t[:, :, input_ids.shape[1]] for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [logits, *written]
 
 
 def _static_layer(cache, layer_idx: int, hidden_states: torch.Tensor):

@@ -81,9 +81,8 @@ def model_cases(device: str = "cpu") -> dict[str, float | str]:
         try:
             model = tiny_model(arch, device)
             ref = decode_logits(model, steps=3, prompt=2)
-            example = torch.zeros(1, 2, dtype=torch.long, device=device)
-            fuse_packed_siblings(model, input_ids=example)
-            names = fuse_rope_attention(model, example)
+            fuse_packed_siblings(model, input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+            names = fuse_rope_attention(model)
             assert names == ["model.layers.0.self_attn"], names
             assert type(model.model.layers[0].self_attn).__name__.startswith("Rope")
             out[f"attn-{arch}"] = rel_err(decode_logits(model, steps=3, prompt=2), ref)

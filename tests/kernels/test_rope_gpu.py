@@ -39,7 +39,7 @@ def test_rope_attention_decodes_as_transformers(arch):
     ref = decode_logits(model, steps=3, prompt=7)
     example = torch.zeros(1, 2, dtype=torch.long, device="cuda")
     fuse_packed_siblings(model, input_ids=example)
-    assert fuse_rope_attention(model, example) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert fuse_rope_attention(model) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     # the rotation rounds once (transformers' eager steps: three times): float16 flips carried through
     # two blocks and greedy decoding
     assert rel_err(decode_logits(model, steps=3, prompt=7), ref) < 1e-2
@@ -53,7 +53,7 @@ def test_compiled_rope_step_equals_eager(graphs):
     example = torch.zeros(1, 2, dtype=torch.long, device="cuda")
     fuse_packed_siblings(model, input_ids=example)
     fuse_gated_mlps(model, input_ids=example)
-    assert len(fuse_rope_attention(model, example)) == 2
+    assert len(fuse_rope_attention(model)) == 2
     eager = decode_logits(model, steps=4, prompt=7)
     torch._dynamo.reset()
     cache = StaticCache(config=model.config, max_cache_len=7 + 4 + 2)
