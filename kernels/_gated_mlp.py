@@ -28,7 +28,8 @@ def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> li
 
     Call :func:`fuse_packed_siblings` first: only MLPs whose gate and up are one sibling group are
     taken. ``model(*args, **kwargs)`` is an example forward pass; it gives each MLP an input to
-    check itself on (the fused MLP's output must stay within ``rtol`` of the largest output).
+    check itself on, with a random one of the same shape (the fused MLP's outputs must stay within
+    ``rtol`` of the largest output).
     Returns the fused MLPs' names, in place.
     """
     candidates = [name for name, module in model.named_modules() if _is_gated_mlp(module)]
@@ -40,11 +41,14 @@ def fuse_gated_mlps(model: nn.Module, *args, rtol: float = 1e-2, **kwargs) -> li
         mlp, x = model.get_submodule(name), inputs.get(name)
         if x is None:
             continue
+        # and on a random input of its shape: an example of padding tokens may hand it zeros, which
+        # every MLP without biases maps to zeros
+        probes = [x, torch.randn(x.shape, generator=torch.Generator().manual_seed(0)).to(x.device, x.dtype)]
         with torch.no_grad():
-            before = mlp(x)
+            before = [mlp(p) for p in probes]
             mlp.__class__ = swapped_class(type(mlp), "Gated", _gated_forward)
-            after = mlp(x)
-        if difference(before, after) <= rtol:
+            after = [mlp(p) for p in probes]
+        if all(difference(b, a) <= rtol for b, a in zip(before, after)):
             fused.append(name)
         else:
             restore(mlp)

@@ -85,3 +85,17 @@ def test_separate_gate_and_up_are_left_for_the_siblings_to_group():
     model = tiny_model("llama", layers=1)
     assert fuse_gated_mlps(model, **EXAMPLE) == []  # gate and up are still two layers
     assert gate(model) == ["model.layers.0.mlp"]
+
+
+def test_an_example_of_zeros_still_checks_the_forward():
+    # padding tokens may embed to zero: the check also runs a random input, which a wrong forward fails
+    model = tiny_model("llama", layers=1)
+    model.model.embed_tokens.weight.data[0] = 0
+    mlp = model.model.layers[0].mlp
+
+    class Scaled(type(mlp)):
+        def forward(self, x):
+            return 2 * self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+    mlp.__class__ = Scaled
+    assert gate(model) == []
