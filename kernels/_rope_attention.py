@@ -3,7 +3,8 @@ q/k/v launch (:func:`packed_qkv_rope`).
 
 :func:`fuse_rope_attention` does this to the attention modules of a transformers model that have
 the Llama-family shape (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` and nothing else: no per-head
-norms; Mistral, Qwen2 and others share it) once their packed q/k/v layers run as one sibling group
+norms; Qwen2, Gemma, Granite and others share it, kernels/NOTES.md run 28 lists which were tried)
+once their packed q/k/v layers run as one sibling group
 (:func:`fuse_packed_siblings`, called first). It swaps such a module's class for a subclass whose
 ``forward``, for one new token per batch row on a transformers ``StaticCache`` layer, runs the
 q/k/v launch (rotated query out, rotated key and value into the cache), advances the layer's
@@ -12,9 +13,9 @@ everything else (prefill, dynamic caches, sliding-window layers) goes to the ori
 
 It checks the model: a prompt and one decode step on a fresh ``StaticCache``, with and without the
 swap, must give the same logits and write the same keys and values into the cache (each within
-``rtol`` of its largest value), and the fused path must have run in every module it keeps. Otherwise every module is restored and nothing is fused (a model whose attention
-does more than the Llama-family steps, or a transformers version whose static cache this does not
-know).
+``rtol`` of its largest value), and the fused path must have run in every module it keeps.
+Otherwise every module is restored and nothing is fused (a model whose attention does more than the
+Llama-family steps, or a transformers version whose static cache this does not know).
 """
 
 from __future__ import annotations
