@@ -22,9 +22,11 @@ q/k/v launch at decode steps (:func:`packed_qkv_rope`).
 
 :func:`decode_attention` is split-KV attention of a few new tokens over a KV cache (the
 ``hpsearch::decode_attention`` op), and :func:`use_decode_attention` switches a transformers model's
-decode steps to it (prefill stays on SDPA).
+decode steps to it (prefill stays on SDPA). :func:`use_additive_mask` keeps SDPA but builds its
+additive mask once a forward pass rather than once a layer.
 """
 
+from ._additive_mask import use_additive_mask
 from ._attention import decode_attention, use_decode_attention
 from ._format import SUPPORTED_BITS, PackedWeight
 from ._gated import gated_reference, packed_gated_matmul
@@ -62,5 +64,6 @@ __all__ = [
     "unfuse_gated_mlps",
     "unfuse_rope_attention",
     "unpack",
+    "use_additive_mask",
     "use_decode_attention",
 ]

@@ -16,6 +16,10 @@ swap, must give the same logits and write the same keys and values into the cach
 ``rtol`` of its largest value), and the fused path must have run in every module it keeps.
 Otherwise every module is restored and nothing is fused (a model whose attention does more than the
 Llama-family steps, or a transformers version whose static cache this does not know).
+
+A model on SDPA is also switched to additive masks built once a pass (:func:`use_additive_mask`):
+the per-layer mask conversion SDPA does was fused into the query's rotary kernel, which the fused
+step no longer runs (kernels/NOTES.md, run 30).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import sys
 import torch
 from torch import nn
 
+from ._additive_mask import ADDITIVE_NAME, use_additive_mask, use_boolean_mask
 from ._siblings import PackedSibling
 from ._swap import difference, restore, swapped_class, unswap
 
@@ -65,6 +70,8 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None,
     modules = [model.get_submodule(name) for name in candidates]
     for module in modules:
         module.__class__ = swapped_class(type(module), "Rope", _rope_forward)
+    # the rotary kernel the per-layer mask conversion was fused into is gone: build the mask once
+    additive = getattr(model.config, "_attn_implementation", None) != ADDITIVE_NAME and use_additive_mask(model)
     _ran = set()
     try:
         after = _decode_step(model, input_ids)
@@ -77,12 +84,19 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None,
             or any(id(m) not in ran for m in modules)):
         for module in modules:
             restore(module)
+        if additive:
+            use_boolean_mask(model)
         return []
+    if additive:
+        model._hpsearch_rope_additive_mask = True  # for unfuse_rope_attention to undo
     return candidates
 
 
 def unfuse_rope_attention(model: nn.Module) -> int:
     """Undo :func:`fuse_rope_attention` (the sibling groups stay); returns how many modules."""
+    if getattr(model, "_hpsearch_rope_additive_mask", False):
+        use_boolean_mask(model)
+        del model._hpsearch_rope_additive_mask
     return unswap(model, "Rope")
 
 

@@ -27,3 +27,10 @@ def test_a_fused_rope_without_fused_siblings_is_refused(capsys):
         run(["--rope", "fused", "--siblings", "separate"])
     assert e.value.code == 2
     assert "--rope fused needs --siblings fused" in capsys.readouterr().err
+
+
+def test_a_mask_choice_with_the_split_kv_attention_is_refused(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["--mask", "additive", "--attention", "hpsearch"])
+    assert e.value.code == 2
+    assert "--mask additive|boolean needs SDPA" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 ``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--repeats 5]
 [--bits 4] [--group-size 128] [--compile] [--graphs trees|manual] [--siblings fused|separate] [--mlp gated|separate]
-[--rope fused|separate] [--lm-head fp16|packed]
+[--rope fused|separate] [--mask auto|additive|boolean] [--lm-head fp16|packed]
 [--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--inductor-combo on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
@@ -28,7 +28,9 @@ default) the packed layers that read one input (q/k/v, gate/up) then run as one 
 with ``--mlp gated`` (the default with fused siblings) the gate/up launch leaves ``silu(gate) * up`` itself
 (:func:`hpsearch.kernels.fuse_gated_mlps`), and with ``--rope fused`` (the default with fused siblings)
 the q/k/v launch of a decode step rotates the query and key and writes the key and value into the
-static cache itself (:func:`hpsearch.kernels.fuse_rope_attention`).
+static cache itself (:func:`hpsearch.kernels.fuse_rope_attention`), which also has SDPA's mask built
+additive once a step (:func:`hpsearch.kernels.use_additive_mask`). ``--mask additive`` gives the
+float16 model additive masks too (a control), ``--mask boolean`` keeps SDPA's boolean masks in both.
 
 ``fp16_bw_fraction`` is the float16 model's achieved bandwidth (bytes of weights read per token,
 all but the embedding table, over the time per token) as a fraction of
@@ -243,6 +245,10 @@ def run(args: list[str]) -> dict[str, Any]:
                    help="fused (the default with --siblings fused): the packed model's q/k/v launch rotates "
                         "the query and key and writes the static cache (hpsearch.kernels.fuse_rope_attention); "
                         "separate: transformers' attention does it")
+    p.add_argument("--mask", choices=("auto", "additive", "boolean"), default="auto",
+                   help="SDPA's mask: auto: as the models come (float16: boolean, converted in every layer; "
+                        "packed with --rope fused: additive, built once a step); additive: both models additive; "
+                        "boolean: both boolean")
     p.add_argument("--lm-head", choices=("fp16", "packed"), default="fp16",
                    help="the packed model's LM head: float16 as the float16 model's, or packed at --bits too")
     p.add_argument("--attention", choices=("auto", "cudnn", "efficient", "math", "hpsearch"), default="auto",
@@ -256,6 +262,8 @@ def run(args: list[str]) -> dict[str, Any]:
         p.error("--mlp gated needs --siblings fused (the gate and up rows run as one launch)")
     if a.rope == "fused" and a.siblings == "separate":
         p.error("--rope fused needs --siblings fused (the q, k and v rows run as one launch)")
+    if a.mask != "auto" and a.attention == "hpsearch":
+        p.error("--mask additive|boolean needs SDPA (--attention hpsearch reads the boolean mask in place)")
     a.mlp = a.mlp or ("gated" if a.siblings == "fused" else "separate")
     a.rope = a.rope or ("fused" if a.siblings == "fused" else "separate")
     if not torch.cuda.is_available():
@@ -278,6 +286,12 @@ def run(args: list[str]) -> dict[str, Any]:
 
         if not use_decode_attention(model):
             raise RuntimeError("use_decode_attention refused the model (transformers without AttentionInterface?)")
+    if a.mask == "additive":
+        from hpsearch.kernels import use_additive_mask
+
+        if not use_additive_mask(model):
+            raise RuntimeError("use_additive_mask refused the model (transformers without AttentionInterface?)")
+    fp16_attn = model.config._attn_implementation
     fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
     fp16_bytes = _weight_bytes_per_token(model)
     fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
@@ -299,6 +313,10 @@ def run(args: list[str]) -> dict[str, Any]:
         ropes = fuse_rope_attention(model, example)
         if not ropes:
             raise RuntimeError("fuse_rope_attention refused the model (its check failed); try --rope separate")
+    if a.mask == "boolean":
+        from hpsearch.kernels._additive_mask import use_boolean_mask
+
+        use_boolean_mask(model)
     torch._dynamo.reset()
     packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
@@ -314,7 +332,8 @@ def run(args: list[str]) -> dict[str, Any]:
         # float16 model (kernels/NOTES.md, run 27)
         "inductor_coordinate_descent_tuning": bool(a.compile and _inductor_flag("coordinate_descent_tuning")),
         "attention": a.attention,
-        "attn_implementation": model.config._attn_implementation,
+        "fp16_attn_implementation": fp16_attn,
+        "packed_attn_implementation": model.config._attn_implementation,
         "layers": a.layers,
         "context": a.context,
         "kv_heads": a.kv_heads,
