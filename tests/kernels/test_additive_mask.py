@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
-from hpsearch.kernels import fuse_packed_siblings, fuse_rope_attention, unfuse_rope_attention, use_additive_mask
+from hpsearch.kernels import (
+    fuse_packed_siblings,
+    fuse_rope_attention,
+    unfuse_rope_attention,
+    use_additive_mask,
+)
 from hpsearch.kernels._additive_mask import ADDITIVE_NAME, additive_sdpa_mask, use_boolean_mask
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, StaticCache
 
@@ -55,9 +62,7 @@ def test_the_mask_is_additive_in_the_model_dtype_and_absent_where_sdpa_has_none(
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     sdpa = ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
-    kwargs = dict(batch_size=1, kv_length=6, mask_function=lambda b, h, q, kv: kv <= q)
-    import inspect
-
+    kwargs = {"batch_size": 1, "kv_length": 6, "mask_function": lambda b, h, q, kv: kv <= q}
     if "q_length" in inspect.signature(sdpa).parameters:  # transformers >= 5.20
         kwargs.update(q_length=1, q_offset=4)
     else:
