@@ -29,7 +29,7 @@ from hpsearch.objectives.latency import decode_seconds, prefill_seconds
 from hpsearch.objectives.profiles import get_profile
 from hpsearch.structure import ModelStructure
 
-__all__ = ["MeasuredLatency", "LayerTimer", "layer_format", "rewind_static_cache"]
+__all__ = ["LayerTimer", "MeasuredLatency", "layer_format", "pack_random", "rewind_static_cache"]
 
 
 def layer_format(record: dict[str, Any]) -> str:
@@ -138,23 +138,14 @@ def rewind_static_cache(cache, position: int) -> None:
             counter.fill_(position)
 
 
-def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batch: int, context: int,
-                  dtype: torch.dtype, new_tokens: int = 1) -> tuple[float, str]:
-    """Time outside the linears of one forward pass of ``new_tokens`` per sequence after ``context``
-    cached tokens (decode: 1 token after the context; prefill: the prompt after none): the
-    uncompressed model's measured pass minus its linears' measured times.
-
-    Returns (microseconds, how it was measured).
-    """
-    key = (f"{timer.device_name}|{timer.build}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}"
-           f"|q{new_tokens}|{str(dtype).split('.')[-1]}")
-    if key in timer.times:
-        entry = timer.times[key]
-        return entry["remainder_us"], entry["how"]
+def _step_us(model: nn.Module, structure: ModelStructure, batch: int, context: int,
+             new_tokens: int) -> tuple[float, str]:
+    """Microseconds of one forward pass of ``new_tokens`` per sequence after ``context`` cached tokens
+    (a static cache, the step captured in a CUDA graph and replayed; eager, and said so, where it
+    cannot be captured). Returns (microseconds, how it was timed)."""
     from transformers import StaticCache
 
     dev = torch.device("cuda")
-    model = make_model().to(dev, dtype).eval()
     # Every position must exist in the model, whatever the deployment asks for.
     new_tokens = max(1, min(new_tokens, structure.max_positions))
     context = max(0, min(context, structure.max_positions - new_tokens))
@@ -172,9 +163,8 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
             return model(input_ids=step_ids, past_key_values=cache, cache_position=positions, use_cache=True).logits
 
         try:
-            total = _graph_time_us(step, inner=1, repeats=20)
-            how = "cuda graph, static cache"
-        except Exception:  # a model whose forward cannot be captured: eager, and said so
+            return _graph_time_us(step, inner=1, repeats=20), "cuda graph, static cache"
+        except Exception:  # noqa: BLE001 - a model whose forward cannot be captured: eager, and said so
             torch.cuda.synchronize()
             import time
 
@@ -185,14 +175,139 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
                 step()
                 torch.cuda.synchronize()
                 times.append((time.perf_counter() - t) * 1e6)
-            total = statistics.median(times)
-            how = "eager (graph capture failed)"
+            return statistics.median(times), "eager (graph capture failed)"
+
+
+def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batch: int, context: int,
+                  dtype: torch.dtype, new_tokens: int = 1) -> tuple[float, str]:
+    """Time outside the linears of one forward pass of ``new_tokens`` per sequence after ``context``
+    cached tokens (decode: 1 token after the context; prefill: the prompt after none): the
+    uncompressed model's measured pass minus its linears' measured times.
+
+    Returns (microseconds, how it was measured).
+    """
+    key = (f"{timer.device_name}|{timer.build}|remainder|{structure.model_type}|{structure.n_params}|b{batch}|c{context}"
+           f"|q{new_tokens}|{str(dtype).split('.')[-1]}")
+    if key in timer.times:
+        entry = timer.times[key]
+        return entry["remainder_us"], entry["how"]
+    model = make_model().to(torch.device("cuda"), dtype).eval()
+    total, how = _step_us(model, structure, batch, context, new_tokens)
+    del model
     rows = batch * new_tokens
     linears = sum(timer.layer_us(li.out_features, li.in_features, "dense", rows, dtype) for li in structure.linears)
     remainder = max(total - linears, 0.0)
     timer.times[key] = {"remainder_us": remainder, "how": how, "total_fp16_us": total}
     timer._save()
     return remainder, how
+
+
+def pack_random(model: nn.Module, bits_of: dict[str, int], group_size: int, seed: int = 0) -> int:
+    """Replace each ``nn.Linear`` named in ``bits_of`` with fewer than 16 bits by a ``PackedLinear`` of
+    random codes at its bit-width (group ``group_size``, or the whole row where it does not divide),
+    for timing: a kernel's speed does not depend on the codes. Returns how many."""
+    from hpsearch.kernels import PackedLinear
+
+    count = 0
+    for name, bits in bits_of.items():
+        if bits >= 16:
+            continue
+        module = model.get_submodule(name)
+        n, k = module.weight.shape
+        dev = module.weight.device
+        gen = torch.Generator(device=dev).manual_seed(seed + count)
+        g = group_size if k % group_size == 0 else k
+        q = torch.randint(0, 2**bits, (n, k), device=dev, dtype=torch.uint8, generator=gen)
+        # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
+        s = torch.full((n, k // g), 0.1 / 2**bits, device=dev, dtype=torch.float16)
+        z = torch.full((n, k // g), 2 ** (bits - 1), device=dev, dtype=torch.uint8)
+        bias = module.bias.data if module.bias is not None else None
+        packed = PackedLinear.from_quantized(q, s, z, bits, g, bias=bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+        count += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return count
+
+
+#: the bit-widths whose fused epilogues (gated MLP, rotary + cache write) run as one kernel; other
+#: widths take the same steps unfused (hpsearch.kernels)
+_EPILOGUE_BITS = (2, 3, 4)
+
+
+def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, context: int, dtype: torch.dtype,
+                     linears_us) -> dict[str, Any]:
+    """What a packed decode step (batch 1) spends outside its linears, and what each fused epilogue
+    saves there, measured once on a packed copy of the model.
+
+    The copy has every block linear at 4 bits (random codes) and gets what
+    :func:`hpsearch.packing.pack_model` does, one fusion at a time: siblings as one launch (plain),
+    then gated MLPs, then rotary and cache write in the q/k/v launch. ``plain_us`` is the plain step
+    minus its linears as the objective times them (``linears_us``), and ``gated_saving_us`` /
+    ``rope_saving_us`` are per fused module: the step's time before the fusion minus after, over
+    the modules the fusion took (the modules' names are kept: the trial's formats decide which of
+    them fuse). Why not the dense model's remainder: the packed step's elementwise work is not the
+    dense step's; kernels/NOTES.md run 31 measured the dense remainder 13-60% off the packed step.
+    """
+    key = (f"{timer.device_name}|{timer.build}|fused-remainder@{_kernels_fingerprint()}|{structure.model_type}"
+           f"|{structure.n_params}|b1|c{context}|{str(dtype).split('.')[-1]}")
+    if key in timer.times:
+        return timer.times[key]
+    from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings, fuse_rope_attention
+
+    model = make_model().to(torch.device("cuda"), dtype).eval()
+    blocks = {li.name for li in structure.block_linears()}
+    pack_random(model, {name: 4 for name in blocks}, 128)
+    example = torch.randint(0, structure.vocab_size, (1, 4), device="cuda",
+                            generator=torch.Generator(device="cuda").manual_seed(0))
+    fuse_packed_siblings(model, input_ids=example)
+    plain, how = _step_us(model, structure, 1, context, 1)
+    gated = fuse_gated_mlps(model, input_ids=example)
+    after_gated = _step_us(model, structure, 1, context, 1)[0] if gated else plain
+    rope = fuse_rope_attention(model, example)
+    after_rope = _step_us(model, structure, 1, context, 1)[0] if rope else after_gated
+    del model
+    fmt = {li.name: (f"packed4g{128 if li.in_features % 128 == 0 else li.in_features}" if li.name in blocks
+                     else "dense") for li in structure.linears}
+    entry = {
+        "plain_us": max(plain - linears_us(fmt), 0.0), "how": how, "plain_step_us": plain,
+        "gated": gated, "gated_saving_us": (plain - after_gated) / len(gated) if gated else 0.0,
+        "rope": rope, "rope_saving_us": (after_gated - after_rope) / len(rope) if rope else 0.0,
+    }
+    timer.times[key] = entry
+    timer._save()
+    return entry
+
+
+def _kernels_fingerprint() -> str:
+    from hpsearch.kernels import fingerprint
+
+    return fingerprint()
+
+
+def _linears_us(timer: LayerTimer, info: dict, fmt: dict[str, str], records: dict, groups: list[list[str]],
+                rows: int, dtype: torch.dtype) -> tuple[float, list[list[str]]]:
+    """Microseconds of a step's linears in the formats ``fmt``, and the sibling runs timed as one
+    launch: packed siblings of one format (q/k/v, gate/up) run as one (hpsearch.kernels.fuse_packed_siblings)."""
+
+    def fusable(a: str, b: str) -> bool:  # as hpsearch.kernels.can_fuse will judge the packed layers
+        return (fmt[a] == fmt[b] and fmt[a].startswith("packed") and info[a].in_features == info[b].in_features
+                and not records.get(a, {}).get("in_scale") and not records.get(b, {}).get("in_scale"))
+
+    total, fused, fused_runs = 0.0, set(), []
+    for group in groups:
+        for run in runs([n for n in group if n in info], fusable):
+            if len(run) > 1:
+                first = info[run[0]]
+                total += timer.layer_us(sum(info[n].out_features for n in run), first.in_features, fmt[first.name],
+                                        rows, dtype)
+                fused.update(run)
+                fused_runs.append(run)
+    for name, li in info.items():
+        if name not in fused:
+            total += timer.layer_us(li.out_features, li.in_features, fmt[name], rows, dtype)
+    return total, fused_runs
 
 
 class MeasuredLatency(Objective):
@@ -283,29 +398,37 @@ class MeasuredLatency(Objective):
         """(milliseconds, linears us, remainder us, how the rest was timed) of one forward pass."""
         timer, dtype = self._timer, torch.float16
         base = ctx.source_model if ctx.source_model is not None else model  # the uncompressed model
-        remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context, dtype,
-                                       new_tokens)
         rows = batch * new_tokens
         info = {li.name: li for li in ctx.structure.linears}
         records = ctx.manifest.layers
         fmt = {name: layer_format(records[name]) for name in info}
-
-        def fusable(a: str, b: str) -> bool:  # as hpsearch.kernels.can_fuse will judge the packed layers
-            return (fmt[a] == fmt[b] and fmt[a].startswith("packed") and info[a].in_features == info[b].in_features
-                    and not records[a].get("in_scale") and not records[b].get("in_scale"))
-
-        linears, fused = 0.0, set()
-        for group in self._sibling_groups(base, ctx.structure.vocab_size):
-            # packed siblings of one format run as one launch (hpsearch.kernels.fuse_packed_siblings)
-            for run in runs([n for n in group if n in info], fusable):
-                if len(run) > 1:
-                    first = info[run[0]]
-                    linears += timer.layer_us(sum(info[n].out_features for n in run), first.in_features, fmt[first.name],
-                                              rows, dtype)
-                    fused.update(run)
-        for name, li in info.items():
-            if name not in fused:
-                linears += timer.layer_us(li.out_features, li.in_features, fmt[name], rows, dtype)
+        groups = self._sibling_groups(base, ctx.structure.vocab_size)
+        linears, runs = _linears_us(timer, info, fmt, records, groups, rows, dtype)
+        if rows == 1 and any(f.startswith("packed") for f in fmt.values()):
+            # a packed decode step: its rest measured on a packed copy, less what this trial's fused
+            # epilogues save (a gated MLP's or an attention's sibling run at 2-4 bits, as pack_model fuses)
+            entry = _fused_remainder(lambda: copy.deepcopy(base), ctx.structure, timer, context, dtype,
+                                     lambda f: _linears_us(timer, info, f, {}, groups, 1, dtype)[0])
+            gated, rope = set(entry["gated"]), set(entry["rope"])
+            remainder, fused = entry["plain_us"], {"gated": 0, "rope": 0}
+            for run in runs:
+                parent = run[0].rpartition(".")[0]
+                tails = sorted(name.rpartition(".")[2] for name in run)
+                bits = int(fmt[run[0]][len("packed"):].split("g")[0])
+                if bits not in _EPILOGUE_BITS or any(n.rpartition(".")[0] != parent for n in run):
+                    continue
+                if parent in gated and tails == ["gate_proj", "up_proj"]:
+                    remainder -= entry["gated_saving_us"]
+                    fused["gated"] += 1
+                elif parent in rope and tails == ["k_proj", "q_proj", "v_proj"]:
+                    remainder -= entry["rope_saving_us"]
+                    fused["rope"] += 1
+            remainder = max(remainder, 0.0)
+            how = (f"{entry['how']}; rest measured on a 4-bit packed copy, fused epilogues of this trial: "
+                   f"{fused['gated']} gated MLPs, {fused['rope']} rotary/cache q/k/v")
+        else:
+            remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context, dtype,
+                                           new_tokens)
         return (remainder + linears) / 1e3, linears, remainder, how
 
     def _sibling_groups(self, base: nn.Module, vocab_size: int) -> list[list[str]]:

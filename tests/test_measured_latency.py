@@ -102,9 +102,9 @@ def test_rewound_static_cache_replays_the_same_decode_step():
         torch.testing.assert_close(out, full, atol=1e-4, rtol=1e-4)
 
 
-def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
-    """q/k/v and gate/up of one packed format are timed as the one layer they run as; a sibling of
-    another format, and dense layers, are timed alone."""
+def _mixed_manifest_and_timer(monkeypatch):
+    """A 2-block Llama whose block linears are 4-bit but block 1's k_proj (3-bit), a timer that records
+    its calls, and a packed copy's measured rest: 100 us, each gated MLP saving 3, each fused q/k/v 5."""
     from transformers import AutoModelForCausalLM
 
     from hpsearch.objectives import measured_latency as ml
@@ -122,14 +122,26 @@ def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
         device_name = "fake"
 
         def layer_us(self, n, k, fmt, m, dtype):
-            calls.append((n, k, fmt))
+            calls.append((n, k, fmt, m))
             return 1.0
 
-    monkeypatch.setattr(ml, "_remainder_us", lambda *a, **k: (0.0, "fake"))
+    entry = {"plain_us": 100.0, "how": "fake", "gated": ["model.layers.0.mlp", "model.layers.1.mlp"],
+             "gated_saving_us": 3.0, "rope": ["model.layers.0.self_attn", "model.layers.1.self_attn"],
+             "rope_saving_us": 5.0}
+    monkeypatch.setattr(ml, "_fused_remainder", lambda *a, **k: entry)
+    monkeypatch.setattr(ml, "_remainder_us", lambda *a, **k: (50.0, "dense fake"))
     objective = MeasuredLatency(context=64)
     objective._timer = Timer()
+    return model, s, manifest, calls, objective
+
+
+def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
+    """q/k/v and gate/up of one packed format are timed as the one layer they run as; a sibling of
+    another format, and dense layers, are timed alone."""
+    model, s, manifest, calls, objective = _mixed_manifest_and_timer(monkeypatch)
     ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
-    ms, linears, _, _ = objective._measure_ms(ctx, model, 1, 64, 1)
+    ms, linears, remainder, how = objective._measure_ms(ctx, model, 1, 64, 1)
+    calls = [c[:3] for c in calls]
     q, k = s.linear("model.layers.0.self_attn.q_proj"), s.linear("model.layers.0.self_attn.k_proj")
     gate = s.linear("model.layers.0.mlp.gate_proj")
     assert calls.count((q.out_features + 2 * k.out_features, q.in_features, "packed4g32")) == 1  # block 0's q/k/v
@@ -139,7 +151,25 @@ def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
     assert calls.count((k.out_features, k.in_features, "packed4g32")) == 1
     assert calls.count((q.out_features, q.in_features, "packed4g32")) == 3
     # every linear timed once, a fused run as one: 15 linears, block 0's q/k/v and both gate/ups fused
-    assert len(calls) == len(s.linears) - 2 - 1 - 1 and linears == len(calls) and ms == linears / 1e3
+    assert len(calls) == len(s.linears) - 2 - 1 - 1 and linears == len(calls)
+    # the rest: the packed copy's, less both gated MLPs and block 0's q/k/v (block 1's is not one run)
+    assert remainder == 100.0 - 2 * 3.0 - 5.0 and ms == (linears + remainder) / 1e3
+    assert "2 gated MLPs, 1 rotary/cache q/k/v" in how
+
+
+@pytest.mark.parametrize(("batch", "bits"), [(4, 4), (1, 16), (1, 8)])
+def test_the_fused_rest_applies_to_packed_one_row_decode_only(monkeypatch, batch, bits):
+    """Several rows run no fused epilogue and a float16 model none at all: the dense model's rest.
+    8-bit siblings run as one launch, but their epilogues take the unfused steps: the plain rest."""
+    model, s, manifest, _calls, objective = _mixed_manifest_and_timer(monkeypatch)
+    for li in s.block_linears():
+        manifest.update_layer(li.name, bits=bits, group_size=32)
+    ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
+    _, _, remainder, how = objective._measure_ms(ctx, model, batch, 64, 1)
+    if batch > 1 or bits == 16:
+        assert (remainder, how) == (50.0, "dense fake")
+    else:
+        assert remainder == 100.0 and "0 gated MLPs, 0 rotary/cache q/k/v" in how
 
 
 def test_siblings_default_to_none_when_the_forward_pass_fails():
@@ -152,3 +182,40 @@ def test_siblings_default_to_none_when_the_forward_pass_fails():
             raise RuntimeError("needs more than ids")
 
     assert MeasuredLatency(context=64)._sibling_groups(Broken(), 16) == []
+
+
+def test_random_packing_follows_the_plan_and_runs():
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.kernels import PackedLinear
+    from hpsearch.objectives.measured_latency import pack_random
+
+    model = AutoModelForCausalLM.from_config(small_config("llama", 128)).eval()
+    plan = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 16, "model.layers.1.mlp.up_proj": 2}
+    assert pack_random(model, plan, 32) == 2
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, PackedLinear) and q.bits == 3 and q.group_size == 32
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, PackedLinear)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.zeros(1, 3, dtype=torch.long)).logits).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_fused_rest_is_measured_on_a_packed_copy(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.objectives.measured_latency import _fused_remainder
+    from hpsearch.structure import structure_of
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(small_config("llama", 256)).eval()
+    s = structure_of(base)
+    timer = LayerTimer(tmp_path / "lat.json", inner=5, repeats=5)
+    entry = _fused_remainder(lambda: base, s, timer, 32, torch.float16, lambda fmt: 0.0)
+    blocks = len({li.block for li in s.block_linears()})
+    assert len(entry["gated"]) == len(entry["rope"]) == blocks  # a Llama takes both fusions
+    assert entry["plain_us"] > 0 and entry["plain_step_us"] == entry["plain_us"]  # no linears subtracted here
+    cached = [v for k, v in LayerTimer(tmp_path / "lat.json").times.items() if "fused-remainder" in k]
+    assert cached == [entry]  # measured once, then read from the timing cache
