@@ -12,8 +12,10 @@ length, and calls the model's attention function and ``o_proj`` as the original 
 everything else (prefill, dynamic caches, sliding-window layers) goes to the original forward.
 
 It checks the model: a prompt and one decode step on a fresh ``StaticCache``, with and without the
-swap, must give the same logits and write the same keys and values into the cache (each within
-``rtol`` of its largest value), and the fused path must have run in every module it keeps.
+swap, must write the same key and value into the first layer's cache (within ``rtol`` of its
+largest value) and give the same logits and later layers' keys and values (within ``deep_rtol``:
+their inputs carry every earlier layer's rounding), and the fused path must have run in every
+module it keeps.
 Otherwise every module is restored and nothing is fused (a model whose attention does more than the
 Llama-family steps, or a transformers version whose static cache this does not know).
 
@@ -40,7 +42,8 @@ _ran: set[int] | None = None  # ids of the modules whose fused path ran, while f
 _StaticLayer: type | None = None  # transformers' static cache layer, found by fuse_rope_attention
 
 
-def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None, rtol: float = 1e-2) -> list[str]:
+def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None, rtol: float = 1e-2,
+                        deep_rtol: float = 0.1) -> list[str]:
     """Fold rotary embedding and the KV-cache write of ``model``'s decode steps into the q/k/v launch.
 
     Call :func:`fuse_packed_siblings` first: only attention modules whose q, k and v are one sibling
@@ -80,7 +83,7 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None,
         after, ran = None, set()
     finally:
         _ran = None
-    if (after is None or any(difference(b, a) > rtol for b, a in zip(before, after))
+    if (after is None or _disagree(before, after, rtol, deep_rtol)
             or any(id(m) not in ran for m in modules)):
         for module in modules:
             restore(module)
@@ -90,6 +93,18 @@ def fuse_rope_attention(model: nn.Module, input_ids: torch.Tensor | None = None,
     if additive:
         model._hpsearch_rope_additive_mask = True  # for unfuse_rope_attention to undo
     return candidates
+
+
+def _disagree(before: list[torch.Tensor], after: list[torch.Tensor], rtol: float, deep_rtol: float) -> bool:
+    """Whether the fused step differs from the original beyond rounding: the first layer's key and
+    value (its inputs are the same in both runs, so only rounding separates them) within ``rtol``,
+    the logits and the later layers' keys and values, whose inputs carry every earlier layer's
+    rounding differences, within ``deep_rtol``. Measured on a 32-block random Llama packed at 4 bits
+    (H100, kernels/NOTES.md run 31): first layer <= 8.4e-4, logits 1.3e-2 to 1.5e-2, later layers up
+    to 2.1e-2; a wrong rotation (interleaved pairs) is off by O(1) in the first layer's keys."""
+    first = [difference(b, a) for b, a in zip(before[1:3], after[1:3])]
+    deep = [difference(before[0], after[0])] + [difference(b, a) for b, a in zip(before[3:], after[3:])]
+    return any(d > rtol for d in first) or any(d > deep_rtol for d in deep)
 
 
 def unfuse_rope_attention(model: nn.Module) -> int:

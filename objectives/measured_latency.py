@@ -234,6 +234,23 @@ def pack_random(model: nn.Module, bits_of: dict[str, int], group_size: int, seed
     return count
 
 
+def _pack_rtn(model: nn.Module, names: set[str], bits: int, group_size: int) -> None:
+    """Pack the linears ``names`` from their own weights (round-to-nearest, group ``group_size`` or
+    the whole row): the copy then computes what the model does, so the fusions' checks judge it as
+    they would the trial's model (random codes can make a model's logits noise that no check passes)."""
+    from hpsearch.kernels import PackedLinear
+    from hpsearch.methods.grid import quantize_rtn
+
+    for name in sorted(names):
+        module = model.get_submodule(name)
+        k = module.in_features
+        qw = quantize_rtn(module.weight.data, bits, group_size if k % group_size == 0 else k, sym=False)
+        bias = module.bias.data if module.bias is not None else None
+        packed = PackedLinear.from_quantized(qw.q, qw.scale, qw.zero, bits, qw.group_size, bias=bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+
+
 #: the bit-widths whose fused epilogues (gated MLP, rotary + cache write) run as one kernel; other
 #: widths take the same steps unfused (hpsearch.kernels)
 _EPILOGUE_BITS = (2, 3, 4)
@@ -244,7 +261,7 @@ def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, c
     """What a packed decode step (batch 1) spends outside its linears, and what each fused epilogue
     saves there, measured once on a packed copy of the model.
 
-    The copy has every block linear at 4 bits (random codes) and gets what
+    The copy has every block linear at 4 bits (round-to-nearest from its own weights) and gets what
     :func:`hpsearch.packing.pack_model` does, one fusion at a time: siblings as one launch (plain),
     then gated MLPs, then rotary and cache write in the q/k/v launch. ``plain_us`` is the plain step
     minus its linears as the objective times them (``linears_us``), and ``gated_saving_us`` /
@@ -261,7 +278,7 @@ def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, c
 
     model = make_model().to(torch.device("cuda"), dtype).eval()
     blocks = {li.name for li in structure.block_linears()}
-    pack_random(model, {name: 4 for name in blocks}, 128)
+    _pack_rtn(model, blocks, bits=4, group_size=128)
     example = torch.randint(0, structure.vocab_size, (1, 4), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
     fuse_packed_siblings(model, input_ids=example)

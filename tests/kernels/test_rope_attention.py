@@ -192,3 +192,21 @@ def test_torch_compile_traces_the_fused_step_whole():
     assert any("packed_qkv_rope" in c for c in calls), calls
     (eager, keys, length), (traced, traced_keys, traced_length) = results
     assert torch.equal(eager, traced) and torch.equal(keys, traced_keys) and length == traced_length == 4
+
+
+def test_the_check_holds_the_first_layer_tight_and_allows_later_layers_their_rounding():
+    from hpsearch.kernels._rope_attention import _disagree
+
+    g = torch.Generator().manual_seed(0)
+    before = [torch.randn(8, 32, generator=g) for _ in range(7)]  # logits, then k, v of three layers
+
+    def drifted(index, rel):
+        after = [t.clone() for t in before]
+        after[index] = after[index] + rel * before[index].abs().max()
+        return after
+
+    assert not _disagree(before, drifted(5, 2e-2), 1e-2, 0.1)  # a deep layer: compounded rounding
+    assert not _disagree(before, drifted(0, 2e-2), 1e-2, 0.1)  # the logits likewise
+    assert _disagree(before, drifted(1, 2e-2), 1e-2, 0.1)  # the first layer's keys: a different rotation
+    assert _disagree(before, drifted(2, 2e-2), 1e-2, 0.1)  # ... or value
+    assert _disagree(before, drifted(0, 0.2), 1e-2, 0.1)  # logits far off: another computation
