@@ -6,8 +6,8 @@ gives it (16-bit dense, packed 2/3/4/8-bit, 2:4 semi-structured), plus the rest 
 model under a static KV cache; for a packed one-row decode step the rest is measured once on a
 packed copy with the fusions :func:`hpsearch.packing.pack_model` applies, less what the trial's own
 fused epilogues save (:func:`_fused_remainder`; ``python -m hpsearch.bench latency_assembly`` checks
-the sum against whole steps: within 3% on a 7B-shaped Llama, kernels/NOTES.md run 31). Every layer timing is a CUDA graph of ``inner`` back-to-back calls,
-replayed ``repeats`` times after warm-up; the median is kept. Timings are cached per (device, shape,
+the sum against whole steps: within 3.3% on a 7B-shaped Llama, kernels/NOTES.md run 31). Every
+layer timing is a CUDA graph of ``inner`` back-to-back calls, replayed ``repeats`` times after warm-up; the median is kept. Timings are cached per (device, shape,
 format, batch) in memory and in a JSON file, so after the first trials a trial pays for assembly
 only. On a machine without CUDA the value is the roofline model's, labelled so in
 ``latency_source``; with CUDA the roofline's figure is reported beside it (``latency_roofline_ms``)
@@ -32,7 +32,7 @@ from hpsearch.objectives.latency import decode_seconds, prefill_seconds
 from hpsearch.objectives.profiles import get_profile
 from hpsearch.structure import ModelStructure
 
-__all__ = ["LayerTimer", "MeasuredLatency", "layer_format", "pack_random", "rewind_static_cache"]
+__all__ = ["LayerTimer", "MeasuredLatency", "layer_format", "rewind_static_cache"]
 
 
 def layer_format(record: dict[str, Any]) -> str:
@@ -205,50 +205,19 @@ def _remainder_us(make_model, structure: ModelStructure, timer: LayerTimer, batc
     return remainder, how
 
 
-def pack_random(model: nn.Module, bits_of: dict[str, int], group_size: int, seed: int = 0) -> int:
-    """Replace each ``nn.Linear`` named in ``bits_of`` with fewer than 16 bits by a ``PackedLinear`` of
-    random codes at its bit-width (group ``group_size``, or the whole row where it does not divide),
-    for timing: a kernel's speed does not depend on the codes. Returns how many."""
-    from hpsearch.kernels import PackedLinear
-
-    count = 0
-    for name, bits in bits_of.items():
-        if bits >= 16:
-            continue
-        module = model.get_submodule(name)
-        n, k = module.weight.shape
-        dev = module.weight.device
-        gen = torch.Generator(device=dev).manual_seed(seed + count)
-        g = group_size if k % group_size == 0 else k
-        q = torch.randint(0, 2**bits, (n, k), device=dev, dtype=torch.uint8, generator=gen)
-        # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
-        s = torch.full((n, k // g), 0.1 / 2**bits, device=dev, dtype=torch.float16)
-        z = torch.full((n, k // g), 2 ** (bits - 1), device=dev, dtype=torch.uint8)
-        bias = module.bias.data if module.bias is not None else None
-        packed = PackedLinear.from_quantized(q, s, z, bits, g, bias=bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
-        count += 1
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return count
-
-
 def _pack_rtn(model: nn.Module, names: set[str], bits: int, group_size: int) -> None:
     """Pack the linears ``names`` from their own weights (round-to-nearest, group ``group_size`` or
     the whole row): the copy then computes what the model does, so the fusions' checks judge it as
-    they would the trial's model (random codes can make a model's logits noise that no check passes)."""
-    from hpsearch.kernels import PackedLinear
+    they would the trial's model (random codes can make a model's logits noise that no check judges)."""
     from hpsearch.methods.grid import quantize_rtn
+    from hpsearch.packing import pack_model
 
+    quantized = {}
     for name in sorted(names):
         module = model.get_submodule(name)
         k = module.in_features
-        qw = quantize_rtn(module.weight.data, bits, group_size if k % group_size == 0 else k, sym=False)
-        bias = module.bias.data if module.bias is not None else None
-        packed = PackedLinear.from_quantized(qw.q, qw.scale, qw.zero, bits, qw.group_size, bias=bias)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, packed)
+        quantized[name] = quantize_rtn(module.weight.data, bits, group_size if k % group_size == 0 else k, sym=False)
+    pack_model(model, quantized, check=False)  # check: the weights are the originals, not the codes'
 
 
 #: the bit-widths whose fused epilogues (gated MLP, rotary + cache write) run as one kernel; other

@@ -31,3 +31,22 @@ def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys
         run(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_random_packing_follows_the_plan_and_runs():
+    import torch
+    from conftest import small_config
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.kernels import PackedLinear
+    from hpsearch.bench.decode import pack_random
+
+    model = AutoModelForCausalLM.from_config(small_config("llama", 128)).eval()
+    plan = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 16, "model.layers.1.mlp.up_proj": 2}
+    assert pack_random(model, plan, 32) == 2
+    q = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, PackedLinear) and q.bits == 3 and q.group_size == 32
+    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert isinstance(model.model.layers[1].mlp.up_proj, PackedLinear)
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.zeros(1, 3, dtype=torch.long)).logits).all()

@@ -184,23 +184,6 @@ def test_siblings_default_to_none_when_the_forward_pass_fails():
     assert MeasuredLatency(context=64)._sibling_groups(Broken(), 16) == []
 
 
-def test_random_packing_follows_the_plan_and_runs():
-    from transformers import AutoModelForCausalLM
-
-    from hpsearch.kernels import PackedLinear
-    from hpsearch.objectives.measured_latency import pack_random
-
-    model = AutoModelForCausalLM.from_config(small_config("llama", 128)).eval()
-    plan = {"model.layers.0.self_attn.q_proj": 3, "model.layers.0.mlp.down_proj": 16, "model.layers.1.mlp.up_proj": 2}
-    assert pack_random(model, plan, 32) == 2
-    q = model.model.layers[0].self_attn.q_proj
-    assert isinstance(q, PackedLinear) and q.bits == 3 and q.group_size == 32
-    assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
-    assert isinstance(model.model.layers[1].mlp.up_proj, PackedLinear)
-    with torch.no_grad():
-        assert torch.isfinite(model(input_ids=torch.zeros(1, 3, dtype=torch.long)).logits).all()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_fused_rest_is_measured_on_a_packed_copy(tmp_path):
@@ -219,3 +202,27 @@ def test_gpu_fused_rest_is_measured_on_a_packed_copy(tmp_path):
     assert entry["plain_us"] > 0 and entry["plain_step_us"] == entry["plain_us"]  # no linears subtracted here
     cached = [v for k, v in LayerTimer(tmp_path / "lat.json").times.items() if "fused-remainder" in k]
     assert cached == [entry]  # measured once, then read from the timing cache
+
+
+def test_the_packed_copy_is_packed_from_its_own_weights():
+    """The copy whose rest is measured computes what the model does (so the fusions' checks judge a
+    model, not noise): every block linear packed at 4 bits by round-to-nearest of its weights."""
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.kernels import PackedLinear
+    from hpsearch.methods.grid import quantize_rtn
+    from hpsearch.objectives.measured_latency import _pack_rtn
+    from hpsearch.structure import structure_of
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(small_config("llama", 128)).eval()
+    s = structure_of(model)
+    down = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    _pack_rtn(model, {li.name for li in s.block_linears()}, 4, 128)
+    layers = [model.get_submodule(li.name) for li in s.block_linears()]
+    assert all(isinstance(m, PackedLinear) and m.bits == 4 for m in layers)
+    assert isinstance(model.lm_head, torch.nn.Linear)  # only the block linears
+    packed = model.model.layers[0].mlp.down_proj
+    expected = quantize_rtn(down, 4, packed.group_size, sym=False).dequantize(torch.float32)
+    x = torch.randn(2, down.shape[1])
+    torch.testing.assert_close(packed(x), x @ expected.T, rtol=1e-4, atol=1e-4)

@@ -95,9 +95,36 @@ def pack_block_linears(model: nn.Module, bits: int, group_size: int, seed: int =
              for name, module in block.named_modules() if isinstance(module, nn.Linear)]
     if lm_head:
         names.append("lm_head")
-    from hpsearch.objectives.measured_latency import pack_random
-
     return pack_random(model, dict.fromkeys(names, bits), group_size, seed)
+
+
+def pack_random(model: nn.Module, bits_of: dict[str, int], group_size: int, seed: int = 0) -> int:
+    """Replace each ``nn.Linear`` named in ``bits_of`` with fewer than 16 bits by a ``PackedLinear`` of
+    random codes at its bit-width (group ``group_size``, or the whole row where it does not divide),
+    for timing: a kernel's speed does not depend on the codes. Returns how many."""
+    from hpsearch.kernels import PackedLinear
+
+    count = 0
+    for name, bits in bits_of.items():
+        if bits >= 16:
+            continue
+        module = model.get_submodule(name)
+        n, k = module.weight.shape
+        dev = module.weight.device
+        gen = torch.Generator(device=dev).manual_seed(seed + count)
+        g = group_size if k % group_size == 0 else k
+        q = torch.randint(0, 2**bits, (n, k), device=dev, dtype=torch.uint8, generator=gen)
+        # scales of a min-max grid over N(0, 0.02) weights, so activations stay O(1)
+        s = torch.full((n, k // g), 0.1 / 2**bits, device=dev, dtype=torch.float16)
+        z = torch.full((n, k // g), 2 ** (bits - 1), device=dev, dtype=torch.uint8)
+        bias = module.bias.data if module.bias is not None else None
+        packed = PackedLinear.from_quantized(q, s, z, bits, g, bias=bias)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, packed)
+        count += 1
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return count
 
 
 def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool,

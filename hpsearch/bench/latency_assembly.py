@@ -72,10 +72,10 @@ def run(args: list[str]) -> dict[str, Any]:
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
 
-    from hpsearch.bench.decode import build_model, decode_tok_s
+    from hpsearch.bench.decode import build_model, decode_tok_s, pack_random
     from hpsearch.manifest import Manifest
     from hpsearch.objectives.base import EvalContext
-    from hpsearch.objectives.measured_latency import MeasuredLatency, pack_random
+    from hpsearch.objectives.measured_latency import MeasuredLatency
     from hpsearch.structure import structure_of
 
     torch.manual_seed(0)
