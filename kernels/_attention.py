@@ -281,7 +281,8 @@ def use_decode_attention(model: torch.nn.Module) -> bool:
     Call it before ``torch.compile`` or graph capture. Registers the attention (once) first.
 
     Args:
-        model: a ``PreTrainedModel`` whose configs (and sub-configs) use ``"sdpa"``.
+        model: a ``PreTrainedModel`` whose configs (and sub-configs) use ``"sdpa"`` (or
+            :func:`use_additive_mask`'s SDPA).
 
     Returns:
         Whether the model now uses it; ``False``, with the model untouched, where it does not run
@@ -295,7 +296,10 @@ def use_decode_attention(model: torch.nn.Module) -> bool:
     impls = {getattr(c, "_attn_implementation", None) for c in configs}
     if impls == {ATTN_NAME}:
         return True
-    if not impls <= {"sdpa", ATTN_NAME}:
+    from ._additive_mask import ADDITIVE_NAME  # deferred: that module builds on this one
+
+    # SDPA, or SDPA with additive masks (fuse_rope_attention switches to it): this registers its own masks
+    if not impls <= {"sdpa", ADDITIVE_NAME, ATTN_NAME}:
         return False
     try:
         register_decode_attention()

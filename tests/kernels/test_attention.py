@@ -83,3 +83,18 @@ def test_use_decode_attention_switches_an_sdpa_model():
     assert use_decode_attention(model) is True  # already switched
     with torch.no_grad():  # prefill is SDPA's: the same logits
         torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_a_model_on_additive_masks_switches_too():
+    """pack_model's rope fusion leaves a model on SDPA with additive masks; the split-KV attention
+    may still take it over (its own mask builder is registered with it)."""
+    from hpsearch.kernels import use_additive_mask
+
+    model = _tiny("llama", "sdpa")
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model(ids).logits
+    assert use_additive_mask(model) is True
+    assert use_decode_attention(model) is True and model.config._attn_implementation == ATTN_NAME
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
