@@ -157,6 +157,25 @@ def test_packed_siblings_are_timed_as_one_launch(monkeypatch):
     assert "2 gated MLPs, 1 rotary/cache q/k/v" in how
 
 
+def test_a_packed_copy_that_cannot_be_timed_falls_back_to_the_float16_rest(monkeypatch):
+    from hpsearch.objectives import measured_latency as ml
+
+    model, s, manifest, _calls, objective = _mixed_manifest_and_timer(monkeypatch)
+
+    tries = []
+
+    def broken(*args, **kwargs):
+        tries.append(1)
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(ml, "_fused_remainder", broken)
+    ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
+    for _ in range(2):  # tried once a study, not once a trial
+        _, _, remainder, how = objective._measure_ms(ctx, model, 1, 64, 1)
+        assert remainder == 50.0 and how == "dense fake (a packed copy could not be timed: RuntimeError: out of memory)"
+    assert len(tries) == 1
+
+
 @pytest.mark.parametrize(("batch", "bits"), [(4, 4), (1, 16), (1, 8)])
 def test_the_fused_rest_applies_to_packed_one_row_decode_only(monkeypatch, batch, bits):
     """Several rows run no fused epilogue and a float16 model none at all: the dense model's rest.
