@@ -11,6 +11,7 @@ import functools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from hpsearch.space import SearchSpace
 from hpsearch.stages.base import Stage, StageContext
 from hpsearch.structure import ModelStructure, structure_of
 
-__all__ = ["TrialSetup", "run_trial", "compress", "job_directory"]
+__all__ = ["CompressedTrial", "TrialSetup", "compress", "compressed_model", "job_directory", "run_trial"]
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +111,25 @@ def compress(model: torch.nn.Module, plan: Plan, setup: TrialSetup, ctx: StageCo
     return timings
 
 
-def run_trial(cfg: DictConfig) -> dict[str, Any]:
-    """Compress and evaluate the model for ``cfg.trial.params``; the Hydra task function's body.
+@dataclass
+class CompressedTrial:
+    """A trial's model after its stages, with what it was built from."""
 
-    Returns:
-        ``{"values": {objective: value}, "attrs": {...}, "timings": {...}}``. Raises on errors;
-        the sweeper records a raised error or a NaN value as a failed trial.
-    """
+    model: torch.nn.Module
+    loaded: LoadedModel
+    setup: TrialSetup
+    structure: ModelStructure
+    manifest: Manifest
+    ctx: StageContext
+    params: dict[str, Any]
+    plan: Plan
+    timings: dict[str, float]
+
+
+def compressed_model(cfg: DictConfig) -> CompressedTrial:
+    """Load the model and run the trial's stages for ``cfg.trial.params``, seeded as the trial is
+    (``seed + trial.number``), so that the same config gives the same model: what a trial evaluates
+    and what :mod:`hpsearch.export` writes out."""
     start = time.perf_counter()
     seed = int(cfg.get("seed", 0)) + int(cfg.trial.number or 0)
     torch.manual_seed(seed)
@@ -132,6 +145,22 @@ def run_trial(cfg: DictConfig) -> dict[str, Any]:
     ctx = StageContext(structure, manifest, loaded.tokenizer, loaded.device, seed=seed,
                        calib=cfg.get("calib"), source_model=loaded.model)
     timings.update(compress(model, plan, setup, ctx))
+    return CompressedTrial(model, loaded, setup, structure, manifest, ctx, params, plan, timings)
+
+
+def run_trial(cfg: DictConfig) -> dict[str, Any]:
+    """Compress and evaluate the model for ``cfg.trial.params``; the Hydra task function's body.
+
+    Returns:
+        ``{"values": {objective: value}, "attrs": {...}, "timings": {...}}``. Raises on errors;
+        the sweeper records a raised error or a NaN value as a failed trial.
+    """
+    start = time.perf_counter()
+    built = compressed_model(cfg)
+    model, loaded, setup, structure, manifest, ctx = (built.model, built.loaded, built.setup, built.structure,
+                                                      built.manifest, built.ctx)
+    params, plan, timings = built.params, built.plan, built.timings
+    del built
 
     deployment = OmegaConf.to_container(cfg.get("deployment") or {}, resolve=True)
     ectx = EvalContext(structure, manifest, loaded.tokenizer, loaded.device, deployment, artifacts=ctx.artifacts,

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 REPO = Path(__file__).resolve().parent.parent
@@ -205,3 +206,53 @@ def test_report_compares_searched_families(tmp_path):
     wins, n_with, n_without = feature_wins(study, FEATURES["a quantized KV cache"])
     assert (wins, n_with, n_without) == ([2], 2, 2)  # trial 3 is covered by trial 1 (11.0 at 4.0)
     assert feature_wins(study, FEATURES["sparsity"]) is None  # the study never used it
+
+
+def test_export_rebuilds_a_trial_and_writes_it_loadable(study_run, tmp_path):
+    """A trial of the study written out: a transformers checkpoint that reproduces the rebuilt model,
+    the trial's manifest, and the packed layers, which dequantize to the checkpoint's weights."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from hpsearch.export import load_packed, main
+    from hpsearch.kernels import PackedLinear, dequantize
+
+    _, db, _, _, _ = study_run
+    trial = load(db, "cli").trials[2]
+    assert trial.user_attrs["baseline"] == "w4"
+    out = tmp_path / "w4"
+    assert main(["--storage", f"sqlite:///{db}", "--study", "cli", "--trial", "2", "--out", str(out), "--packed"]) == 0
+    record = json.loads((out / "export.json").read_text())
+    assert record["reload_check"]["equal"] and record["trial"] == 2 and record["stages"] == ["quantize", "kv_cache"]
+    assert record["runtime_only"] == []  # the w4 baseline keeps a 16-bit KV cache
+    # the rebuilt model is the evaluated one: the same per-layer record as the trial's manifest
+    ours = json.loads((out / "manifest.json").read_text())["layers"]
+    theirs = json.loads(Path(trial.user_attrs["manifest"]).read_text())["layers"]
+    assert ours == theirs and all(r["bits"] == 4 for r in ours.values() if r["block"] >= 0)
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    packed = load_packed(out, dtype=hf.dtype)
+    layers = {n: m for n, m in packed.named_modules() if isinstance(m, PackedLinear)}
+    assert record["packed"]["packed_layers"] == len(layers) == sum(r["block"] >= 0 for r in ours.values())
+    for name, layer in layers.items():
+        weight = hf.get_submodule(name).weight
+        torch.testing.assert_close(dequantize(layer.packed, weight.dtype), weight, rtol=0, atol=0)
+    ids = torch.tensor([[1, 5, 9, 2, 30, 17]])
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--study", "cli", "--trial", "2"], "--storage: needed without --config"),
+    (["--storage", "DB", "--study", "cli", "--trial", "99"], "--trial: study 'cli' has no trial 99"),
+    (["--storage", "DB", "--study", "nope", "--trial", "0"], "--study: no study 'nope'"),
+    (["--config", "missing.yaml"], "--config: missing.yaml is not a file"),
+])
+def test_export_refuses_what_it_cannot_find_in_one_line(study_run, tmp_path, capsys, argv, message):
+    from hpsearch.export import main
+
+    _, db, _, _, _ = study_run
+    argv = [f"sqlite:///{db}" if a == "DB" else a for a in argv]
+    assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hpsearch.export: error: ") and message in err and "\n" not in err
