@@ -240,6 +240,21 @@ def test_export_rebuilds_a_trial_and_writes_it_loadable(study_run, tmp_path):
     ids = torch.tensor([[1, 5, 9, 2, 30, 17]])
     with torch.no_grad():
         torch.testing.assert_close(packed(input_ids=ids).logits, hf(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    # and the checkpoint scores what the trial scored: its perplexity, with the study's own objective
+    from omegaconf import OmegaConf
+
+    from hpsearch.manifest import Manifest
+    from hpsearch.models import load_model
+    from hpsearch.objectives.base import EvalContext
+    from hpsearch.structure import structure_of
+    from hpsearch.trial import TrialSetup
+
+    cfg = OmegaConf.load(record["config"])
+    loaded = load_model(cfg.model)
+    structure = structure_of(loaded.model)
+    perplexity = next(o for o in TrialSetup(cfg, structure).objectives if o.name == "perplexity")
+    ctx = EvalContext(structure, Manifest.for_structure("x", structure), loaded.tokenizer, loaded.device, {})
+    assert perplexity.evaluate(hf.to(loaded.device, loaded.dtype), ctx) == pytest.approx(trial.values[0], rel=1e-9)
 
 
 @pytest.mark.parametrize(("argv", "message"), [
