@@ -133,19 +133,18 @@ def _runtime_only(built) -> list[str]:
 
 
 def _write_packed(model: nn.Module, quantized: dict, out: Path) -> dict[str, Any]:
-    """``packed.safetensors`` (every packed linear's codes, scales, zeros, bias, input scale) and
-    ``packed.json`` (their shapes and formats, and why any quantized layer stayed dense)."""
-    import copy
-
+    """Pack ``model``'s quantized linears in place (the checkpoint is written and checked by now, so
+    no second copy of the model is made) and write ``packed.safetensors`` (every packed linear's
+    codes, scales, zeros, bias, input scale) and ``packed.json`` (their shapes and formats, and why
+    any quantized layer stayed dense)."""
     from safetensors.torch import save_file
 
     from hpsearch.kernels import PackedLinear
     from hpsearch.packing import pack_model
 
-    packed_model = copy.deepcopy(model)
-    outcome = pack_model(packed_model, quantized)
+    outcome = pack_model(model, quantized)
     layers, tensors = {}, {}
-    for name, module in packed_model.named_modules():
+    for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             dtype = module.bias.dtype if module.bias is not None else (
                 module.in_scale.dtype if module.in_scale is not None else torch.float16)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ._attention import _configs, _uses_attention_interface
+from ._attention import _configs, _uses_attention_interface, switch_attention
 
 __all__ = ["ADDITIVE_NAME", "use_additive_mask", "use_boolean_mask"]
 
@@ -64,14 +64,6 @@ def _register() -> None:
     AttentionMaskInterface.register(ADDITIVE_NAME, additive_sdpa_mask)
 
 
-def _switch(model: torch.nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # transformers without it: every config reads _attn_implementation when attention runs
-        for c in _configs(model.config):
-            c._attn_implementation = name
-
-
 def use_additive_mask(model: torch.nn.Module) -> bool:
     """Switch a transformers model that runs SDPA to SDPA with additive masks built once a pass.
 
@@ -92,7 +84,7 @@ def use_additive_mask(model: torch.nn.Module) -> bool:
         _register()
     except ImportError:
         return False
-    _switch(model, ADDITIVE_NAME)
+    switch_attention(model, ADDITIVE_NAME)
     return config._attn_implementation == ADDITIVE_NAME
 
 
@@ -101,5 +93,5 @@ def use_boolean_mask(model: torch.nn.Module) -> bool:
     config = getattr(model, "config", None)
     if config is None or {getattr(c, "_attn_implementation", None) for c in _configs(config)} != {ADDITIVE_NAME}:
         return False
-    _switch(model, "sdpa")
+    switch_attention(model, "sdpa")
     return True

@@ -305,9 +305,14 @@ def use_decode_attention(model: torch.nn.Module) -> bool:
         register_decode_attention()
     except RuntimeError:
         return False
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(ATTN_NAME)
-    else:  # transformers without it: every config reads _attn_implementation when attention runs
-        for c in configs:
-            c._attn_implementation = ATTN_NAME
+    switch_attention(model, ATTN_NAME)
     return config._attn_implementation == ATTN_NAME
+
+
+def switch_attention(model: torch.nn.Module, name: str) -> None:
+    """Make every config of ``model`` run the registered attention ``name``."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(name)
+    else:  # transformers without it: every config reads _attn_implementation when attention runs
+        for c in _configs(model.config):
+            c._attn_implementation = name
