@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from . import _few_rows
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded
 from ._reference import matmul_reference
 
@@ -30,8 +31,10 @@ class KernelConfig:
     """Tile sizes of one launch. ``kind`` is ``"gemv"``, ``"gemv_words"``, ``"gemv_asm"`` or
     ``"gemv_h2"`` (one activation row per program; the last three turn fields into floats in
     place, ``gemv_asm`` with inline PTX, ``gemv_h2`` two codes per float16-pair instruction, see
-    ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take) or
-    ``"dot"`` (tensor cores, several rows)."""
+    ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take),
+    ``"dot"`` (tensor cores, several rows) or ``"mma"`` (tensor cores fed from registers, 2-16 rows,
+    2, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2;
+    products it cannot take run ``"dot"``)."""
 
     kind: str
     block_n: int
@@ -68,6 +71,20 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
             split *= 2
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
         return KernelConfig(kind, block_n=bn, block_k=bk, split_k=split, num_stages=stages)
+    if m <= 16 and bits in (2, 4):
+        # kernels/NOTES.md run 32: about 300 programs of 128 columns; two steps ahead when each
+        # program runs the whole K loop
+        tiles = max(1, -(-n // 128))
+        split = 1
+        while split < 16 and tiles * split * 1.5 < 300 and k // (128 * split * 2) >= 2:
+            split *= 2
+        return KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=split,
+                            num_stages=2 if split == 1 and tiles >= 200 else 1)
+    return _dot_config(m, n, k)
+
+
+def _dot_config(m: int, n: int, k: int) -> KernelConfig:
+    """The Triton tensor-core kernel's tiles for ``m`` rows (``choose_config``'s rule)."""
     if m <= 16:
         tiles = max(1, -(-n // 64))
         split = 1
@@ -86,7 +103,7 @@ def fingerprint() -> str:
     objective's) go stale, and are measured again, when any of these change."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py"):
+    for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py", "_few_rows.py", "_few_rows_kernels.py"):
         h.update((here / name).read_bytes())
     h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
     try:
@@ -173,6 +190,11 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         cfg = dataclasses.replace(cfg, split_k=1)  # the epilogue needs whole sums
         while rope is not None and (rope.head_dim // 2) % (cfg.block_n // 2):  # a program's pairs in one head
             cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.kind == "mma":
+        if _few_rows.takes(x2, bits, group_size, in_features):
+            return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
+                                    cfg.split_k, cfg.num_warps, cfg.num_stages).to(x2.dtype)
+        cfg = _dot_config(m, n, k_pad)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
@@ -219,7 +241,8 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
                               F16X2=f16x2, GT=groups_per_tile, **common)
     else:
-        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2' or 'dot', got {cfg.kind!r}")
+        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2', 'dot' or 'mma', "
+                         f"got {cfg.kind!r}")
     return y.to(x2.dtype)
 
 

@@ -14,6 +14,7 @@ from hpsearch.bench.decode import run
     (["--mlp", "gated", "--siblings", "separate"], "--mlp gated needs --siblings fused"),
     (["--rope", "fused", "--siblings", "separate"], "--rope fused needs --siblings fused"),
     (["--mask", "additive", "--attention", "hpsearch"], "--mask additive|boolean needs SDPA"),
+    (["--batch", "0"], "--batch must be at least 1, got 0"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

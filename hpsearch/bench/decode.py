@@ -1,13 +1,13 @@
 """Decode tokens/s of a 7B-shaped Llama at float16 and with packed 4-bit linears, on a CUDA GPU.
 
-``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--repeats 5]
+``python -m hpsearch.bench decode [--layers 32] [--context 256] [--kv-heads 32] [--tokens 64] [--batch 1] [--repeats 5]
 [--bits 4] [--group-size 128] [--compile] [--graphs trees|manual] [--siblings fused|separate] [--mlp gated|separate]
 [--rope fused|separate] [--mask auto|additive|boolean] [--lm-head fp16|packed]
 [--attention auto|cudnn|efficient|math|hpsearch] [--inductor-pdl on|off] [--inductor-combo on|off] [--profile]``
 
 The model is ``transformers.LlamaForCausalLM`` with Llama-2-7B's shapes (hidden 4096, MLP 11008,
 32 heads, 32 blocks, vocabulary 32000), random-initialised in float16 on the GPU (no download).
-One decode step (batch 1, a ``StaticCache``, greedy next token fed back in place) is captured as one
+One decode step (``--batch`` sequences, default 1, a ``StaticCache``, greedy next tokens fed back in place) is captured as one
 ``torch.cuda.CUDAGraph`` and replayed by hand: the eager step, or with ``--compile`` the
 ``torch.compile``'d one (Inductor fuses the small elementwise kernels). ``--compile --graphs trees``
 uses torch.compile's own CUDA graph trees (``mode="reduce-overhead"``) instead, whose host work per
@@ -128,18 +128,19 @@ def pack_random(model: nn.Module, bits_of: dict[str, int], group_size: int, seed
 
 
 def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, compile_step: bool,
-                 profile: bool = False, graphs: str = "manual") -> dict[str, float]:
-    """Tokens/s of greedy batch-1 decoding with a static cache, one CUDA graph per step: with
-    ``compile_step``, ``graphs="trees"`` is ``torch.compile``'s own (``mode="reduce-overhead"``),
-    ``"manual"`` one ``torch.cuda.CUDAGraph`` of the compiled step."""
+                 profile: bool = False, graphs: str = "manual", batch: int = 1) -> dict[str, float]:
+    """Tokens/s of greedy decoding of ``batch`` sequences with a static cache, one CUDA graph per
+    step: with ``compile_step``, ``graphs="trees"`` is ``torch.compile``'s own
+    (``mode="reduce-overhead"``), ``"manual"`` one ``torch.cuda.CUDAGraph`` of the compiled step.
+    ``tok_s`` counts every sequence's token; ``ms_per_step`` is the time of one step of all of them."""
     from transformers import StaticCache
 
     from hpsearch.objectives.measured_latency import rewind_static_cache
 
     warmup = 3
     cache = StaticCache(config=model.config, max_cache_len=context + max(tokens, warmup) + 8)
-    ids = torch.randint(0, model.config.vocab_size, (1, context), device="cuda")
-    step_ids = torch.zeros(1, 1, dtype=torch.long, device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device="cuda")
+    step_ids = torch.zeros(batch, 1, dtype=torch.long, device="cuda")
 
     def rewind() -> None:  # back to the end of the prompt; the graph keeps its buffers
         rewind_static_cache(cache, context)
@@ -188,7 +189,7 @@ def decode_tok_s(model: nn.Module, context: int, tokens: int, repeats: int, comp
             rewind()
             _print_profile(run_step, tokens)
     s = statistics.median(samples)
-    return {"tok_s": 1.0 / s, "ms_per_token": s * 1e3}
+    return {"tok_s": batch / s, "ms_per_step": s * 1e3, "ms_per_token": s * 1e3 / batch}
 
 
 def _set_inductor_pdl(on: bool) -> bool:
@@ -237,6 +238,8 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--kv-heads", type=int, default=32, help="key/value heads (32: Llama-2-7B; 8: grouped-query "
                                                              "attention as Llama-3-8B's)")
     p.add_argument("--tokens", type=int, default=64, help="decode steps per timed repeat")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (1-16 rows reach the packed "
+                   "kernels' few-row paths; the fused rotary and gated epilogues take one row)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--group-size", type=int, default=128)
@@ -274,6 +277,8 @@ def run(args: list[str]) -> dict[str, Any]:
     a = p.parse_args(args)
     if a.kv_heads <= 0 or 32 % a.kv_heads:  # before any model is built
         p.error(f"--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32), got {a.kv_heads}")
+    if a.batch < 1:
+        p.error(f"--batch must be at least 1, got {a.batch}")
     if a.mlp == "gated" and a.siblings == "separate":
         p.error("--mlp gated needs --siblings fused (the gate and up rows run as one launch)")
     if a.rope == "fused" and a.siblings == "separate":
@@ -308,9 +313,10 @@ def run(args: list[str]) -> dict[str, Any]:
         if not use_additive_mask(model):
             raise RuntimeError("use_additive_mask refused the model (transformers without AttentionInterface?)")
     fp16_attn = model.config._attn_implementation
-    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
+    fp16 = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs,
+                        batch=a.batch)
     fp16_bytes = _weight_bytes_per_token(model)
-    fp16_bw = fp16_bytes / (fp16["ms_per_token"] / 1e3)
+    fp16_bw = fp16_bytes / (fp16["ms_per_step"] / 1e3)  # the weights are read once a step
     print(f"fp16: {fp16}", file=sys.stderr)
     n_packed = pack_block_linears(model, a.bits, a.group_size, lm_head=a.lm_head == "packed")
     fused, mlps, ropes = [], [], []
@@ -334,7 +340,8 @@ def run(args: list[str]) -> dict[str, Any]:
 
         use_boolean_mask(model)
     torch._dynamo.reset()
-    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs)
+    packed = decode_tok_s(model, a.context, a.tokens, a.repeats, a.compile, profile=a.profile, graphs=a.graphs,
+                          batch=a.batch)
     print(f"packed{a.bits}: {packed}", file=sys.stderr)
     packed_bytes = _weight_bytes_per_token(model)
     return {
@@ -351,6 +358,7 @@ def run(args: list[str]) -> dict[str, Any]:
         "fp16_attn_implementation": fp16_attn,
         "packed_attn_implementation": model.config._attn_implementation,
         "layers": a.layers,
+        "batch": a.batch,
         "context": a.context,
         "kv_heads": a.kv_heads,
         "fp16_tok_s": round(fp16["tok_s"], 1),

@@ -11,10 +11,11 @@ calls) against bfloat16 cuBLAS. Each time is the median, over replays of a CUDA 
 per call of back-to-back calls that cycle through enough weight copies to defeat the 50 MB L2;
 graphs remove launch gaps, as in a decode step under CUDA graphs.
 
-A row is ``K, N, M, bits, kernel, fp16_us, packed_us, speedup, limit``: ``limit`` is the speedup
-that bytes moved allow (float16 weight + activations over packed storage + activations).
+A row is ``K, N, M, bits, kernel, fp16_us, packed_us, speedup, limit, config``: ``limit`` is the
+speedup that bytes moved allow (float16 weight + activations over packed storage + activations),
+``config`` the tiles timed (``kind:n..k..``; an ``mma`` config the product cannot take runs ``dot``).
 ``--sweep`` also times every tile configuration of :func:`sweep_configs` and reports the best per
-row (``config``); ``--tuning-out PATH`` writes them as the table :func:`hpsearch.kernels.choose_config`
+row; ``--tuning-out PATH`` writes them as the table :func:`hpsearch.kernels.choose_config`
 reads (``HPSEARCH_KERNEL_TUNING=PATH``, or ``kernels/_tuned.py`` once copied there); ``--jobs``
 compiles them in parallel processes first. Needs torch and triton only.
 """
@@ -87,6 +88,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("dot", block_n=bn, block_k=128, block_m=16, split_k=sk, num_stages=3))
         out.append(KernelConfig("dot", block_n=128, block_k=128, block_m=16, split_k=4, num_warps=8, num_stages=3))
+        if bits in (2, 4, 8):  # operands straight from the loaded words (``_few_rows``, run 32)
+            for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+                for sk in (1, 2, 4, 8):
+                    for ahead in (1, 2):
+                        out.append(KernelConfig("mma", block_n=bn, block_k=128, block_m=16, split_k=sk, num_warps=nw,
+                                                num_stages=ahead))
     else:
         for bn, bm, nw in ((128, 64, 4), (128, 128, 8), (64, 128, 4)):
             out.append(KernelConfig("dot", block_n=bn, block_k=128 if bits < 8 else 64, block_m=bm,
@@ -243,9 +250,8 @@ def run(args: list[str]) -> dict[str, Any]:
                     continue
                 row = {"K": k, "N": n, "M": m, "bits": bits, "kernel": "hpsearch", "fp16_us": round(fp16_us, 2),
                        "packed_us": round(best[0], 2), "speedup": round(fp16_us / best[0], 2),
-                       "limit": round(limit, 2)}
+                       "limit": round(limit, 2), "config": _cfg_str(best[1])}
                 if a.sweep:
-                    row["config"] = _cfg_str(best[1])
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:
                         tuning[f"{bucket}:{k}x{n}:{bits}"] = dataclasses.asdict(best[1])

@@ -39,6 +39,8 @@ CASES = [
         (12, 1024, 32, 3, "dot", 1, "bfloat16", False),
         (40, 96, 32, 6, "dot-bk128", 1, "float16", True),
         (33, 512, 64, 9, "dot-bk256", 2, "bfloat16", False),
+        (40, 96, 32, 5, "mma", 1, "float16", True),  # Gluon does not interpret: these run "dot"
+        (33, 256, 128, 16, "mma", 2, "bfloat16", False),
     ]
 ]
 

@@ -1,0 +1,124 @@
+"""The Gluon kernel for 2-16 rows (``kernels/_few_rows``).
+
+On CPU: its code is compiled for an H100 (sm_90, no GPU needed) and checked for what the kernel is
+for (the MMA operands come straight from registers: nothing staged in shared memory), and the
+launcher's choices are checked. On a GPU: it equals the reference over bit-widths, shapes, row
+counts, K splits, prefetch depths and biases, and under CUDA-graph replay.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hpsearch.kernels import KernelConfig, choose_config, matmul_reference, pack, packed_matmul
+from packed_cases import random_qsz, rel_err
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _compile_sm90(bits: int, prefetch: int):
+    """The kernel compiled for sm_90 with a 128-column tile of 4 warps."""
+    pytest.importorskip("triton.experimental.gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from hpsearch.kernels import _few_rows_kernels
+
+    fn = _few_rows_kernels.few_rows_kernel
+    ints = ("M", "N", "K", "G", "stride_xm", "stride_ym", "ROW_WORDS", "ZROW_WORDS", "K_STEPS", "STEPS_PER_SPLIT",
+            "SPLIT_K")
+    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": "*fp16",
+           "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{name: "i32" for name in ints}}
+    consts = {"BITS": bits, "GROUP": 128, "BLOCK_N": 128, "NW": 4, "MASK_K": True, "HAS_BIAS": True,
+              "PREFETCH": prefetch}
+    sig.update({name: "constexpr" for name in consts})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
+                         attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("prefetch", [1, 2])
+def test_operands_come_from_registers(bits, prefetch):
+    compiled = _compile_sm90(bits, prefetch)
+    ttgir, ptx = compiled.asm["ttgir"], compiled.asm["ptx"]
+    # nothing of a step goes through shared memory (the Triton kernel's dequantized tile does)
+    assert "local_alloc" not in ttgir and "ldmatrix" not in ptx
+    # a step is 4 warps' 128 columns x 128 codes: per warp 4 column tiles x 8 k16 blocks
+    assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32 * prefetch
+
+
+@pytest.mark.parametrize("m", [2, 9, 16])
+def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m):
+    for bits in (2, 4):
+        for n, k in ((11008, 4096), (4096, 11008), (1000, 352), (28672, 8192)):
+            cfg = choose_config(m, n, k, bits)
+            assert cfg.kind == "mma" and cfg.block_n % 32 == 0 and cfg.num_stages in (1, 2)
+            assert cfg.split_k == 1 or k // (128 * cfg.split_k) >= 1
+    for bits in (3, 8):
+        assert choose_config(m, 11008, 4096, bits).kind == "dot"
+    assert choose_config(17, 11008, 4096, 4).kind == "dot"
+    assert choose_config(1, 11008, 4096, 4).kind.startswith("gemv")
+
+
+def test_cpu_products_are_not_taken():
+    from hpsearch.kernels import _few_rows
+
+    x = torch.randn(4, 256).half()
+    assert not _few_rows.takes(x, 4, 128, 256)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("n,k,g", [(1000, 4096, 128), (200, 320, 32), (1000, 4160, 64), (72, 256, 256),
+                                   (24, 1000, 1000)])
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_matches_reference(bits, n, k, g, m):
+    w = pack(*random_qsz(n, k, g, bits, seed=n + k + m, device="cuda"), bits, g)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    bias = torch.randn(n, device="cuda", dtype=torch.float16)
+    ref, ref_b = matmul_reference(x, w), matmul_reference(x, w, bias)
+    for split in (1, 3):
+        for ahead in (1, 2):
+            cfg = KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=split, num_stages=ahead)
+            assert rel_err(packed_matmul(x, w, config=cfg), ref) < 2e-3
+            assert rel_err(packed_matmul(x, w, bias, config=cfg), ref_b) < 2e-3
+    cfg = KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=2, num_warps=8)
+    assert rel_err(packed_matmul(x, w, config=cfg), ref) < 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_split_k_under_cuda_graph_replay():
+    """The workspace and arrival counters are reused by every launch and every replay."""
+    ws = [pack(*random_qsz(n, 4096, 128, 4, seed=n, device="cuda"), 4, 128) for n in (1000, 3000)]
+    cfg = KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=4)
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
+    for w in ws:  # warm-up: compiles, sizes the workspace
+        packed_matmul(x, w, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = [packed_matmul(x, w, config=cfg) for w in ws]
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        for y, w in zip(ys, ws):
+            assert rel_err(y, matmul_reference(x, w)) < 2e-3
+
+
+@pytest.mark.gpu
+@gpu
+def test_workspace_first_needed_during_capture():
+    w = pack(*random_qsz(2000, 2048, 128, 2, seed=5, device="cuda"), 2, 128)
+    cfg = KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=8)
+    x = torch.randn(3, 2048, device="cuda", dtype=torch.float16)
+    packed_matmul(x, w, config=KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=2))  # compiles
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # a stream of its own: its workspace is allocated here
+        y = packed_matmul(x, w, config=cfg)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(y, matmul_reference(x, w)) < 2e-3
