@@ -34,7 +34,8 @@ class KernelConfig:
     ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take),
     ``"dot"`` (tensor cores, several rows) or ``"mma"`` (tensor cores fed from registers, 2-16 rows,
     2, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2;
-    products it cannot take run ``"dot"``)."""
+    opt-in with ``HPSEARCH_FEW_ROWS=1``: products it cannot take, or all while it is off, run
+    ``"dot"``)."""
 
     kind: str
     block_n: int
@@ -54,7 +55,8 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     per SM in flight. See ``kernels/NOTES.md`` for the measurements.
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
-    tuned = _tuned_table().get(f"{bucket}:{k}x{n}:{bits}") if bucket else None
+    few_rows = bucket == 16 and bits in (2, 4) and _few_rows.enabled()
+    tuned = _tuned_table().get(f"{'mma' if few_rows else ''}{bucket}:{k}x{n}:{bits}") if bucket else None
     if tuned is not None:
         return KernelConfig(**tuned)
     if m == 1:
@@ -71,7 +73,7 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
             split *= 2
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
         return KernelConfig(kind, block_n=bn, block_k=bk, split_k=split, num_stages=stages)
-    if m <= 16 and bits in (2, 4):
+    if few_rows:
         # kernels/NOTES.md run 32: about 300 programs of 128 columns; two steps ahead when each
         # program runs the whole K loop
         tiles = max(1, -(-n // 128))
@@ -106,6 +108,7 @@ def fingerprint() -> str:
     for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py", "_few_rows.py", "_few_rows_kernels.py"):
         h.update((here / name).read_bytes())
     h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
+    h.update(b"few-rows" if _few_rows.enabled() else b"")
     try:
         import triton
 

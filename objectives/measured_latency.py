@@ -225,22 +225,25 @@ def _pack_rtn(model: nn.Module, names: set[str], bits: int, group_size: int) -> 
 _EPILOGUE_BITS = (2, 3, 4)
 
 
-def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, context: int, dtype: torch.dtype,
-                     linears_us) -> dict[str, Any]:
-    """What a packed decode step (batch 1) spends outside its linears, and what each fused epilogue
-    saves there, measured once on a packed copy of the model.
+def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, batch: int, context: int,
+                     new_tokens: int, dtype: torch.dtype, linears_us) -> dict[str, Any]:
+    """What a packed forward pass (``batch`` sequences of ``new_tokens`` after ``context``) spends
+    outside its linears, and at one-row decode what each fused epilogue saves there, measured once
+    on a packed copy of the model.
 
     The copy has every block linear at 4 bits (round-to-nearest from its own weights) and gets what
-    :func:`hpsearch.packing.pack_model` does, one fusion at a time: siblings as one launch (plain),
-    then gated MLPs, then rotary and cache write in the q/k/v launch. ``plain_us`` is the plain step
-    minus its linears as the objective times them (``linears_us``), and ``gated_saving_us`` /
-    ``rope_saving_us`` are per fused module: the step's time before the fusion minus after, over
-    the modules the fusion took (the modules' names are kept: the trial's formats decide which of
-    them fuse). Why not the dense model's remainder: the packed step's elementwise work is not the
-    dense step's; kernels/NOTES.md run 31 measured the dense remainder 13-60% off the packed step.
+    :func:`hpsearch.packing.pack_model` does: siblings as one launch (plain), then, for one-row
+    decode (the only steps the epilogues take), gated MLPs, then rotary and cache write in the q/k/v
+    launch, one fusion at a time. ``plain_us`` is the plain pass minus its linears as the objective
+    times them (``linears_us``), and ``gated_saving_us`` / ``rope_saving_us`` are per fused module:
+    the step's time before the fusion minus after, over the modules the fusion took (the modules'
+    names are kept: the trial's formats decide which of them fuse). Why not the dense model's
+    remainder: the packed step's elementwise work is not the dense step's, and its linears' isolated
+    timings relate to the pass differently; kernels/NOTES.md runs 31 and 33 measured the dense
+    remainder 10-60% off packed steps (one row and 4-16 rows).
     """
     key = (f"{timer.device_name}|{timer.build}|fused-remainder@{_kernels_fingerprint()}|{structure.model_type}"
-           f"|{structure.n_params}|b1|c{context}|{str(dtype).split('.')[-1]}")
+           f"|{structure.n_params}|b{batch}|c{context}|q{new_tokens}|{str(dtype).split('.')[-1]}")
     if key in timer.times:
         return timer.times[key]
     from hpsearch.kernels import fuse_gated_mlps, fuse_packed_siblings, fuse_rope_attention
@@ -251,11 +254,13 @@ def _fused_remainder(make_model, structure: ModelStructure, timer: LayerTimer, c
     example = torch.randint(0, structure.vocab_size, (1, 4), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
     fuse_packed_siblings(model, input_ids=example)
-    plain, how = _step_us(model, structure, 1, context, 1)
-    gated = fuse_gated_mlps(model, input_ids=example)
-    after_gated = _step_us(model, structure, 1, context, 1)[0] if gated else plain
-    rope = fuse_rope_attention(model, example)
-    after_rope = _step_us(model, structure, 1, context, 1)[0] if rope else after_gated
+    plain, how = _step_us(model, structure, batch, context, new_tokens)
+    gated, rope, after_gated, after_rope = [], [], plain, plain
+    if batch * new_tokens == 1:
+        gated = fuse_gated_mlps(model, input_ids=example)
+        after_gated = _step_us(model, structure, 1, context, 1)[0] if gated else plain
+        rope = fuse_rope_attention(model, example)
+        after_rope = _step_us(model, structure, 1, context, 1)[0] if rope else after_gated
     del model
     fmt = {li.name: (f"packed4g{128 if li.in_features % 128 == 0 else li.in_features}" if li.name in blocks
                      else "dense") for li in structure.linears}
@@ -395,12 +400,14 @@ class MeasuredLatency(Objective):
         groups = self._sibling_groups(base, ctx.structure.vocab_size)
         linears, runs = _linears_us(timer, info, fmt, records, groups, rows, dtype)
         entry, failure = None, self._fused_failure
-        if rows == 1 and not failure and any(f.startswith("packed") for f in fmt.values()):
-            # a packed decode step: its rest measured on a packed copy, less what this trial's fused
-            # epilogues save (a gated MLP's or an attention's sibling run at 2-4 bits, as pack_model fuses)
+        if not failure and any(f.startswith("packed") for f in fmt.values()):
+            # a packed pass: its rest measured on a packed copy, less what this trial's fused epilogues
+            # save at one-row decode (a gated MLP's or an attention's sibling run at 2-4 bits, as
+            # pack_model fuses)
             try:
-                entry = _fused_remainder(lambda: copy.deepcopy(base), ctx.structure, timer, context, dtype,
-                                         lambda f: _linears_us(timer, info, f, {}, groups, 1, dtype)[0])
+                entry = _fused_remainder(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context,
+                                         new_tokens, dtype,
+                                         lambda f: _linears_us(timer, info, f, {}, groups, rows, dtype)[0])
             except Exception as exc:  # noqa: BLE001 - the float16 model's rest, and said so (once a study)
                 failure = self._fused_failure = \
                     f" (a packed copy could not be timed: {type(exc).__name__}: {str(exc)[:120]})"
@@ -411,7 +418,7 @@ class MeasuredLatency(Objective):
                 parent = run[0].rpartition(".")[0]
                 tails = sorted(name.rpartition(".")[2] for name in run)
                 bits = int(fmt[run[0]][len("packed"):].split("g")[0])
-                if bits not in _EPILOGUE_BITS or any(n.rpartition(".")[0] != parent for n in run):
+                if rows > 1 or bits not in _EPILOGUE_BITS or any(n.rpartition(".")[0] != parent for n in run):
                     continue
                 if parent in gated and tails == ["gate_proj", "up_proj"]:
                     remainder -= entry["gated_saving_us"]
@@ -425,7 +432,7 @@ class MeasuredLatency(Objective):
         else:
             remainder, how = _remainder_us(lambda: copy.deepcopy(base), ctx.structure, timer, batch, context, dtype,
                                            new_tokens)
-            how += failure if rows == 1 else ""
+            how += failure
         return (remainder + linears) / 1e3, linears, remainder, how
 
     def _sibling_groups(self, base: nn.Module, vocab_size: int) -> list[list[str]]:

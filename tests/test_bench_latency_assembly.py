@@ -25,6 +25,7 @@ def test_plans_give_every_block_linear_a_bit_width():
 @pytest.mark.parametrize(("argv", "message"), [
     (["--plans", "uniform4,w5"], "--plans: ['w5'] not known; allowed: fp16, uniform2"),
     (["--kv-heads", "3"], "--kv-heads must divide the 32 query heads"),
+    (["--batch", "0"], "--batch must be at least 1, got 0"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -177,15 +179,16 @@ def test_a_packed_copy_that_cannot_be_timed_falls_back_to_the_float16_rest(monke
 
 
 @pytest.mark.parametrize(("batch", "bits"), [(4, 4), (1, 16), (1, 8)])
-def test_the_fused_rest_applies_to_packed_one_row_decode_only(monkeypatch, batch, bits):
-    """Several rows run no fused epilogue and a float16 model none at all: the dense model's rest.
-    8-bit siblings run as one launch, but their epilogues take the unfused steps: the plain rest."""
+def test_packed_passes_take_the_packed_rest_and_one_row_decode_its_savings(monkeypatch, batch, bits):
+    """A float16 model takes the dense model's rest. Packed passes take the packed copy's plain rest;
+    several rows run no fused epilogue, and 8-bit siblings run as one launch whose epilogues take the
+    unfused steps: no saving is taken off for them."""
     model, s, manifest, _calls, objective = _mixed_manifest_and_timer(monkeypatch)
     for li in s.block_linears():
         manifest.update_layer(li.name, bits=bits, group_size=32)
     ctx = EvalContext(s, manifest, None, torch.device("cpu"), {})
     _, _, remainder, how = objective._measure_ms(ctx, model, batch, 64, 1)
-    if batch > 1 or bits == 16:
+    if bits == 16:
         assert (remainder, how) == (50.0, "dense fake")
     else:
         assert remainder == 100.0 and "0 gated MLPs, 0 rotary/cache q/k/v" in how
@@ -215,12 +218,14 @@ def test_gpu_fused_rest_is_measured_on_a_packed_copy(tmp_path):
     base = AutoModelForCausalLM.from_config(small_config("llama", 256)).eval()
     s = structure_of(base)
     timer = LayerTimer(tmp_path / "lat.json", inner=5, repeats=5)
-    entry = _fused_remainder(lambda: base, s, timer, 32, torch.float16, lambda fmt: 0.0)
+    entry = _fused_remainder(lambda: copy.deepcopy(base), s, timer, 1, 32, 1, torch.float16, lambda fmt: 0.0)
     blocks = len({li.block for li in s.block_linears()})
     assert len(entry["gated"]) == len(entry["rope"]) == blocks  # a Llama takes both fusions
     assert entry["plain_us"] > 0 and entry["plain_step_us"] == entry["plain_us"]  # no linears subtracted here
+    rows4 = _fused_remainder(lambda: copy.deepcopy(base), s, timer, 4, 32, 1, torch.float16, lambda fmt: 0.0)
+    assert rows4["gated"] == rows4["rope"] == [] and rows4["plain_us"] > 0  # four rows: no epilogue runs
     cached = [v for k, v in LayerTimer(tmp_path / "lat.json").times.items() if "fused-remainder" in k]
-    assert cached == [entry]  # measured once, then read from the timing cache
+    assert cached == [entry, rows4]  # measured once each, then read from the timing cache
 
 
 def test_the_packed_copy_is_packed_from_its_own_weights():

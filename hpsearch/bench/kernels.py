@@ -88,7 +88,7 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("dot", block_n=bn, block_k=128, block_m=16, split_k=sk, num_stages=3))
         out.append(KernelConfig("dot", block_n=128, block_k=128, block_m=16, split_k=4, num_warps=8, num_stages=3))
-        if bits in (2, 4, 8):  # operands straight from the loaded words (``_few_rows``, run 32)
+        if bits in (2, 4, 8) and _few_rows_enabled():  # operands from the loaded words (``_few_rows``, run 32)
             for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
                 for sk in (1, 2, 4, 8):
                     for ahead in (1, 2):
@@ -100,6 +100,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                                     num_warps=nw, num_stages=3))
     default = choose_config(m, n, k, bits)
     return [default] + [c for c in out if c != default]
+
+
+def _few_rows_enabled() -> bool:
+    from hpsearch.kernels import _few_rows
+
+    return _few_rows.enabled()
 
 
 def _cfg_str(c) -> str:
@@ -254,7 +260,8 @@ def run(args: list[str]) -> dict[str, Any]:
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:
-                        tuning[f"{bucket}:{k}x{n}:{bits}"] = dataclasses.asdict(best[1])
+                        prefix = "mma" if best[1].kind == "mma" else ""  # choose_config's key for it
+                        tuning[f"{prefix}{bucket}:{k}x{n}:{bits}"] = dataclasses.asdict(best[1])
                 rows.append(row)
                 print(row, file=sys.stderr)
                 del ws

@@ -1,6 +1,6 @@
 """How well the measured-latency objective's assembly predicts a packed model's whole decode step, on a CUDA GPU.
 
-``python -m hpsearch.bench latency_assembly [--layers 32] [--context 256] [--kv-heads 32]
+``python -m hpsearch.bench latency_assembly [--layers 32] [--context 256] [--kv-heads 32] [--batch 1]
 [--plans uniform4,uniform3,attn8_mlp4,mixed] [--tokens 16] [--repeats 5] [--fusions on|off]``
 
 A study's ``latency_measured`` objective never runs a trial's model: it adds up per-layer CUDA-graph
@@ -9,12 +9,14 @@ uncompressed model. This bench checks that sum against the real thing. For each 
 per linear of a random 7B-shaped Llama, group 128) it reports
 
 - ``assembled_ms``: the objective's value for that plan's manifest, computed as in a study
-  (``MeasuredLatency(batch_size=1, context=...)``, a fresh timing cache);
+  (``MeasuredLatency(batch_size=--batch, context=...)``, a fresh timing cache), the time of one
+  step of ``--batch`` sequences;
 - ``whole_step_ms``: the same model packed in those formats (random codes), with the fusions
   :func:`hpsearch.packing.pack_model` applies (``--fusions on``: siblings as one launch, gated MLPs,
   rotary and cache write in the q/k/v launch), one eager decode step on a static cache captured as
   a CUDA graph and replayed (the setup the objective's remainder is timed in), median over
-  ``--repeats`` of ``--tokens`` steps after the ``--context`` prompt;
+  ``--repeats`` of ``--tokens`` steps after the ``--context`` prompt (``--batch`` sequences: several
+  rows reach the packed kernels' few-row path, and the fused epilogues, one-row only, stand aside);
 - ``error``: ``(assembled - whole) / whole``.
 
 Plans: ``uniform<b>`` (every block linear at b bits), ``attn8_mlp4`` (attention at 8 bits, the MLP at
@@ -56,6 +58,7 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--context", type=int, default=256, help="tokens in the cache before the timed step")
     p.add_argument("--kv-heads", type=int, default=32)
+    p.add_argument("--batch", type=int, default=1, help="sequences a step decodes")
     p.add_argument("--plans", default="uniform4,uniform3,attn8_mlp4,mixed",
                    help=f"comma-separated, of: {', '.join(PLANS)}")
     p.add_argument("--tokens", type=int, default=16, help="decode steps per timed repeat of the whole step")
@@ -69,6 +72,8 @@ def run(args: list[str]) -> dict[str, Any]:
         p.error(f"--plans: {bad or a.plans!r} not known; allowed: {', '.join(PLANS)}")
     if a.kv_heads <= 0 or 32 % a.kv_heads:
         p.error(f"--kv-heads must divide the 32 query heads (1, 2, 4, 8, 16 or 32), got {a.kv_heads}")
+    if a.batch < 1:
+        p.error(f"--batch must be at least 1, got {a.batch}")
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
 
@@ -83,7 +88,7 @@ def run(args: list[str]) -> dict[str, Any]:
     structure = structure_of(dense)
     names = [li.name for li in structure.block_linears()]
     cache_dir = Path(tempfile.mkdtemp(prefix="hpsearch-assembly-"))
-    objective = MeasuredLatency(batch_size=1, context=a.context, cache_file=str(cache_dir / "latency.json"))
+    objective = MeasuredLatency(batch_size=a.batch, context=a.context, cache_file=str(cache_dir / "latency.json"))
     rows = []
     for plan in plans:
         bits = plan_bits(plan, names)
@@ -105,7 +110,7 @@ def run(args: list[str]) -> dict[str, Any]:
             fused["sibling_groups"] = len(fuse_packed_siblings(model, input_ids=example))
             fused["gated_mlps"] = len(fuse_gated_mlps(model, input_ids=example))
             fused["rope_attention"] = len(fuse_rope_attention(model, example))
-        whole = decode_tok_s(model, a.context, a.tokens, a.repeats, compile_step=False)["ms_per_token"]
+        whole = decode_tok_s(model, a.context, a.tokens, a.repeats, compile_step=False, batch=a.batch)["ms_per_step"]
         print(f"{plan}: whole step {whole:.4f} ms, fused {fused}", file=sys.stderr)
         del model
         torch.cuda.empty_cache()
@@ -124,6 +129,7 @@ def run(args: list[str]) -> dict[str, Any]:
         "torch": torch.__version__,
         "model": f"random Llama, hidden 4096, MLP 11008, {a.layers} blocks, 32 heads, {a.kv_heads} kv heads",
         "context": a.context,
+        "batch": a.batch,
         "fusions": a.fusions,
         "whole_step": "eager step in one CUDA graph, static cache, median over repeats",
         "rows": rows,

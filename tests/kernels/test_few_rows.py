@@ -16,6 +16,11 @@ from packed_cases import random_qsz, rel_err
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture
+def few_rows_on(monkeypatch):
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "1")
+
+
 def _compile_sm90(bits: int, prefetch: int):
     """The kernel compiled for sm_90 with a 128-column tile of 4 warps."""
     pytest.importorskip("triton.experimental.gluon")
@@ -49,8 +54,19 @@ def test_operands_come_from_registers(bits, prefetch):
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32 * prefetch
 
 
+def test_off_by_default(monkeypatch):
+    """Opt-in (see kernels/_few_rows.py): 2-16 rows keep the Triton tensor-core kernel by default."""
+    monkeypatch.delenv("HPSEARCH_FEW_ROWS", raising=False)
+    from hpsearch.kernels import _few_rows
+
+    assert not _few_rows.enabled()
+    for bits in (2, 3, 4, 8):
+        assert choose_config(16, 11008, 4096, bits).kind == "dot"
+        assert choose_config(4, 1000, 352, bits).kind == "dot"
+
+
 @pytest.mark.parametrize("m", [2, 9, 16])
-def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m):
+def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m, few_rows_on):
     for bits in (2, 4):
         for n, k in ((11008, 4096), (4096, 11008), (1000, 352), (28672, 8192)):
             cfg = choose_config(m, n, k, bits)
@@ -62,7 +78,7 @@ def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m):
     assert choose_config(1, 11008, 4096, 4).kind.startswith("gemv")
 
 
-def test_cpu_products_are_not_taken():
+def test_cpu_products_are_not_taken(few_rows_on):
     from hpsearch.kernels import _few_rows
 
     x = torch.randn(4, 256).half()
@@ -74,7 +90,7 @@ def test_cpu_products_are_not_taken():
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("n,k,g,m", [(1000, 4096, 128, 1), (1000, 4096, 128, 16), (200, 320, 32, 5),
                                      (1000, 4160, 64, 16), (72, 256, 256, 3), (24, 1000, 1000, 7)])
-def test_matches_reference(bits, n, k, g, m):
+def test_matches_reference(bits, n, k, g, m, few_rows_on):
     """Groups of 32 to a whole row, K a multiple of 128 or not, 1 to 16 rows; K split 1-3 ways,
     one or two steps ahead, with and without bias, 4 or 8 warps."""
     w = pack(*random_qsz(n, k, g, bits, seed=n + k + m, device="cuda"), bits, g)
@@ -88,7 +104,7 @@ def test_matches_reference(bits, n, k, g, m):
 
 @pytest.mark.gpu
 @gpu
-def test_split_k_under_cuda_graph_replay():
+def test_split_k_under_cuda_graph_replay(few_rows_on):
     """The workspace and arrival counters are reused by every launch and every replay."""
     ws = [pack(*random_qsz(n, 4096, 128, 4, seed=n, device="cuda"), 4, 128) for n in (1000, 3000)]
     cfg = KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=4)
@@ -107,7 +123,7 @@ def test_split_k_under_cuda_graph_replay():
 
 @pytest.mark.gpu
 @gpu
-def test_workspace_first_needed_during_capture():
+def test_workspace_first_needed_during_capture(few_rows_on):
     w = pack(*random_qsz(2000, 2048, 128, 2, seed=5, device="cuda"), 2, 128)
     cfg = KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=8)
     x = torch.randn(3, 2048, device="cuda", dtype=torch.float16)
