@@ -19,7 +19,8 @@ activation row. The convert to the MMA layouts is asserted trivial (no data move
 one rounding in the product), so the weights are the fake-quantized model's bit for bit; sums are
 float32. K may be split across programs: each writes its partial tile to a float32 workspace, and
 the last to arrive at a column tile (an atomic counter) adds them and writes the output, leaving the
-counter at zero for the next launch. Float32 atomics into one tile cost more than the K loop (run 32).
+counter at zero for the next launch, so no output needs zeroing first (float32 atomics into a zeroed
+tile measured about the same, run 32).
 
 Off unless ``HPSEARCH_FEW_ROWS=1`` (``enabled``): with it on, one flow on the H100 (the
 measured-latency objective at one row, then a mixed 2/3/4/8-bit model's fusion checks at four rows)
