@@ -46,16 +46,19 @@ class KernelConfig:
     num_stages: int = 1
 
 
-def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = None) -> KernelConfig:
     """The tile sizes used for an ``[m, k] x [n, k]^T`` product at ``bits``.
 
     A measured table (``HPSEARCH_KERNEL_TUNING``: a JSON file written by
     ``python -m hpsearch.bench kernels --sweep --tuning-out PATH``, else the H100 table shipped in
     :mod:`._tuned`) wins for the shapes it holds; otherwise a rule that keeps about four programs
-    per SM in flight. See ``kernels/NOTES.md`` for the measurements.
+    per SM in flight. See ``kernels/NOTES.md`` for the measurements. ``few_rows``: whether 2-16 rows
+    at 2 and 4 bits may take ``"mma"`` (default: whether ``HPSEARCH_FEW_ROWS=1`` turned it on).
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
-    few_rows = bucket == 16 and bits in (2, 4) and _few_rows.enabled()
+    if few_rows is None:
+        few_rows = _few_rows.enabled()
+    few_rows = few_rows and bucket == 16 and bits in (2, 4)
     tuned = _tuned_table().get(f"{'mma' if few_rows else ''}{bucket}:{k}x{n}:{bits}") if bucket else None
     if tuned is not None:
         return KernelConfig(**tuned)
@@ -82,11 +85,6 @@ def choose_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
             split *= 2
         return KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=split,
                             num_stages=2 if split == 1 and tiles >= 200 else 1)
-    return _dot_config(m, n, k)
-
-
-def _dot_config(m: int, n: int, k: int) -> KernelConfig:
-    """The Triton tensor-core kernel's tiles for ``m`` rows (``choose_config``'s rule)."""
     if m <= 16:
         tiles = max(1, -(-n // 64))
         split = 1
@@ -197,7 +195,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         if _few_rows.takes(x2, bits, group_size, in_features):
             return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
                                     cfg.split_k, cfg.num_warps, cfg.num_stages).to(x2.dtype)
-        cfg = _dot_config(m, n, k_pad)
+        cfg = choose_config(m, n, k_pad, bits, few_rows=False)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,

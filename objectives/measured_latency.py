@@ -3,10 +3,11 @@
 A trial's decode step is timed as the sum of its linear layers, each in the format the manifest
 gives it (16-bit dense, packed 2/3/4/8-bit, 2:4 semi-structured), plus the rest of the step
 (attention over the KV cache, norms, embeddings, sampling head) measured once on the uncompressed
-model under a static KV cache; for a packed one-row decode step the rest is measured once on a
-packed copy with the fusions :func:`hpsearch.packing.pack_model` applies, less what the trial's own
-fused epilogues save (:func:`_fused_remainder`; ``python -m hpsearch.bench latency_assembly`` checks
-the sum against whole steps: within 3.3% on a 7B-shaped Llama, kernels/NOTES.md run 31). Every
+model under a static KV cache; for a trial with packed layers the rest is measured once a shape on
+a packed copy with the fusions :func:`hpsearch.packing.pack_model` applies, less, at one-row decode,
+what the trial's own fused epilogues save (:func:`_fused_remainder`; ``python -m hpsearch.bench
+latency_assembly [--batch B]`` checks the sum against whole steps: within 3.3% at one row and 4.6%
+at 4-16 rows on a 7B-shaped Llama, kernels/NOTES.md runs 31 and 33). Every
 layer timing is a CUDA graph of ``inner`` back-to-back calls, replayed ``repeats`` times after warm-up; the median is kept. Timings are cached per (device, shape,
 format, batch) in memory and in a JSON file, so after the first trials a trial pays for assembly
 only. On a machine without CUDA the value is the roofline model's, labelled so in

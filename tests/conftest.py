@@ -20,6 +20,14 @@ os.environ.setdefault("HPSEARCH_CACHE", tempfile.mkdtemp(prefix="hpsearch-test-c
 REPO = Path(__file__).resolve().parent.parent
 
 
+def refusal(run, argv: list[str], capsys) -> str:
+    """What a bench's ``run(argv)`` printed when it refused its options (argparse's exit code 2)."""
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
 def small_config(arch: str, vocab_size: int):
     """A tiny config of a real architecture (GQA where the family has it)."""
     from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import refusal
 
 from hpsearch.bench.decode import run
 
@@ -17,7 +18,4 @@ from hpsearch.bench.decode import run
     (["--batch", "0"], "--batch must be at least 1, got 0"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        run(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refusal(run, argv, capsys)

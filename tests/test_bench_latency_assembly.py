@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from conftest import refusal
 
 from hpsearch.bench.latency_assembly import plan_bits, run
 
@@ -28,10 +29,7 @@ def test_plans_give_every_block_linear_a_bit_width():
     (["--batch", "0"], "--batch must be at least 1, got 0"),
 ])
 def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys):
-    with pytest.raises(SystemExit) as e:
-        run(argv)
-    assert e.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in refusal(run, argv, capsys)
 
 
 def test_random_packing_follows_the_plan_and_runs():

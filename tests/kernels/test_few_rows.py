@@ -78,13 +78,6 @@ def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m, few_rows_on):
     assert choose_config(1, 11008, 4096, 4).kind.startswith("gemv")
 
 
-def test_cpu_products_are_not_taken(few_rows_on):
-    from hpsearch.kernels import _few_rows
-
-    x = torch.randn(4, 256).half()
-    assert not _few_rows.takes(x, 4, 128, 256)
-
-
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("bits", [2, 4, 8])
