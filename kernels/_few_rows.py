@@ -22,15 +22,13 @@ the last to arrive at a column tile (an atomic counter) adds them and writes the
 counter at zero for the next launch, so no output needs zeroing first (float32 atomics into a zeroed
 tile measured about the same, run 32).
 
-Off unless ``HPSEARCH_FEW_ROWS=1`` (``enabled``): with it on, one flow on the H100 (the
-measured-latency objective at one row, then a mixed 2/3/4/8-bit model's fusion checks at four rows)
-ended in an illegal memory access, reported in the Triton tensor-core kernel of a 3-bit layer after
-this kernel had run; the same flow with it off ran clean, while this kernel alone showed no write
-outside its output, workspace and counters (canary margins, 432 cases) and compute-sanitizer found
-no error in a mixed model's forward pass. Until that is understood it is opt-in (kernels/NOTES.md
-run 33).
+On by default; ``HPSEARCH_FEW_ROWS=0`` sends these products to the Triton tensor-core kernel
+(``enabled``). It was opt-in for a while: one flow with it on ended in an illegal memory access
+(kernels/NOTES.md run 33). That was a 3-bit zero read one plane past its unit in the Triton
+kernels, faulting only where the tensor ended at unmapped memory, which this kernel's workspace
+happened to bring about (run 34; found by compute-sanitizer with each tensor its own allocation).
 
-Requirements (``takes``): turned on, CUDA of compute capability 8.0 or newer, float16 activations read as int32
+Requirements (``takes``): on, CUDA of compute capability 8.0 or newer, float16 activations read as int32
 pairs (even K and row stride, 4-byte aligned), 2, 4 or 8 bits, groups of a multiple of 32 codes (or
 one group a row), at most 16 rows. Elsewhere ``_launch`` uses the Triton tensor-core kernel.
 """
@@ -59,8 +57,11 @@ def _gluon():
 
 
 def enabled() -> bool:
-    """Whether ``HPSEARCH_FEW_ROWS=1`` turned the kernel on (see the module docstring)."""
-    return os.environ.get("HPSEARCH_FEW_ROWS", "0") == "1"
+    """Whether the kernel is on: yes unless ``HPSEARCH_FEW_ROWS=0`` (see the module docstring)."""
+    value = os.environ.get("HPSEARCH_FEW_ROWS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"HPSEARCH_FEW_ROWS must be 0 (off) or 1 (on, the default), got {value!r}")
+    return value == "1"
 
 
 def takes(x2: torch.Tensor, bits: int, group_size: int, in_features: int) -> bool:

@@ -199,7 +199,10 @@ def _zero(qz_ptr, rows, grp, G_PAD, BITS: tl.constexpr):
         r = grp % 32
         j = r // 2
         h = r % 2
-        main = tl.load(qz_ptr + u + (j // 5) * (G_PAD // 32))
+        # zeros 30 and 31 (j = 15) are in the spare bits, not in a fourth plane: read plane 2 for
+        # them (discarded below) rather than a word past the unit, which faulted at the end of
+        # an allocation (kernels/NOTES.md run 34)
+        main = tl.load(qz_ptr + u + tl.minimum(j // 5, 2) * (G_PAD // 32))
         e = 15 + 16 * h  # zeros 30 and 31 of a unit: bit p in the spare bit of plane p's word
         spare = ((tl.load(qz_ptr + u) >> e) & 1) | (((tl.load(qz_ptr + u + G_PAD // 32) >> e) & 1) << 1) \
             | (((tl.load(qz_ptr + u + 2 * (G_PAD // 32)) >> e) & 1) << 2)

@@ -9,7 +9,7 @@ fall back to the rule in :func:`._launch.choose_config`.
 """
 
 H100: dict[str, dict] = {
-    # run 32 (session 9): the Gluon kernel of _few_rows, used when HPSEARCH_FEW_ROWS=1 (python -m hpsearch.bench
+    # run 32 (session 9): the Gluon kernel of _few_rows, used unless HPSEARCH_FEW_ROWS=0 (python -m hpsearch.bench
     # kernels --m 16 --bits 4,2 --sweep --kinds mma --tuning-out tuned16.json, with it on)
     "mma16:11008x4096:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
         "split_k": 8, "num_warps": 4, "num_stages": 1},

@@ -344,6 +344,9 @@ class MeasuredLatency(Objective):
             raise ConfigError("prefill_tokens", f"got {prefill_tokens}; allowed: 0 (off) or a prompt length")
         self.phase, self.prefill_tokens, self.dtype_bytes = phase, prefill_tokens, dtype_bytes
         self.profile = get_profile(profile)
+        from hpsearch.kernels import _few_rows
+
+        _few_rows.enabled()  # a bad HPSEARCH_FEW_ROWS is refused here, before the study starts
         root = Path(os.environ.get("HPSEARCH_CACHE", Path.home() / ".cache" / "hpsearch"))
         self.cache_file = Path(cache_file) if cache_file else root / "latency.json"
         self.inner, self.repeats = inner, repeats

@@ -81,6 +81,12 @@ def test_bad_settings_name_their_key(kwargs, key):
         MeasuredLatency(**kwargs)
 
 
+def test_a_bad_kernel_switch_is_refused_before_the_study(monkeypatch):
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "on")
+    with pytest.raises(ValueError, match="HPSEARCH_FEW_ROWS must be 0 .* got 'on'"):
+        MeasuredLatency()
+
+
 def test_rewound_static_cache_replays_the_same_decode_step():
     """Replaying a decode step (as a CUDA graph does) must keep writing the same cache position."""
     from transformers import AutoModelForCausalLM, StaticCache

@@ -44,7 +44,8 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 def interpreted(script: str, timeout: int = 900) -> dict:
     """Run ``tests/kernels/<script>`` in a child process under ``TRITON_INTERPRET=1`` (the
     interpreter is chosen when triton first compiles, so this process's triton is left as it is)
-    and return the JSON object it prints: case id -> error, or the case's error message."""
+    and return the JSON object it prints: case id -> error, or the case's error message; under
+    ``"bounds"``, the kernels that touched memory outside their tensors (``run_checked``)."""
     import json
     import os
     import subprocess
@@ -53,7 +54,16 @@ def interpreted(script: str, timeout: int = 900) -> dict:
 
     here = Path(__file__).resolve().parent
     path = os.pathsep.join([str(here), str(here.parent), os.environ.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, str(here / script)], env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path),
+    proc = subprocess.run([sys.executable, str(here / "run_checked.py"), str(here / script)], env=dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path),
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
+
+
+def assert_in_bounds(results: dict) -> None:
+    """No interpreted kernel of the script read or wrote outside the tensors passed to it."""
+    import pytest
+
+    if isinstance(results["bounds"], str):
+        pytest.skip(results["bounds"])
+    assert results["bounds"] == [], f"kernels touched memory outside their tensors: {results['bounds']}"

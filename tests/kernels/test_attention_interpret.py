@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 from attention_cases import CASES, HF_ARCHES
-from packed_cases import interpreted
+from packed_cases import assert_in_bounds, interpreted
 
 pytest.importorskip("triton")
 
@@ -36,3 +36,8 @@ def test_interpreted_decode_matches_sdpa_model(results, arch):
     assert isinstance(got, dict), got
     assert got["op_calls"] == got["expected_calls"] > 0
     assert got["err"] < 1e-5
+
+
+def test_kernels_stay_inside_their_tensors(results):
+    # a discarded out-of-bounds load passes the value checks above and faults on a GPU (bounds.py)
+    assert_in_bounds(results)

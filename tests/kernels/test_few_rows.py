@@ -54,15 +54,28 @@ def test_operands_come_from_registers(bits, prefetch):
     assert ptx.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 32 * prefetch
 
 
-def test_off_by_default(monkeypatch):
-    """Opt-in (see kernels/_few_rows.py): 2-16 rows keep the Triton tensor-core kernel by default."""
-    monkeypatch.delenv("HPSEARCH_FEW_ROWS", raising=False)
+def test_on_by_default_and_off_with_0(monkeypatch):
+    """2-16 rows at 2 and 4 bits take the kernel unless ``HPSEARCH_FEW_ROWS=0``; 3 and 8 bits keep the
+    Triton tensor-core kernel either way."""
     from hpsearch.kernels import _few_rows
 
+    monkeypatch.delenv("HPSEARCH_FEW_ROWS", raising=False)
+    assert _few_rows.enabled()
+    for bits, kind in ((2, "mma"), (3, "dot"), (4, "mma"), (8, "dot")):
+        assert choose_config(16, 11008, 4096, bits).kind == kind
+        assert choose_config(4, 1000, 352, bits).kind == kind
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "0")
     assert not _few_rows.enabled()
     for bits in (2, 3, 4, 8):
         assert choose_config(16, 11008, 4096, bits).kind == "dot"
-        assert choose_config(4, 1000, 352, bits).kind == "dot"
+
+
+def test_a_bad_switch_is_refused(monkeypatch):
+    from hpsearch.kernels import _few_rows
+
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "yes")
+    with pytest.raises(ValueError, match="HPSEARCH_FEW_ROWS must be 0 .* got 'yes'"):
+        choose_config(16, 11008, 4096, 4)
 
 
 @pytest.mark.parametrize("m", [2, 9, 16])

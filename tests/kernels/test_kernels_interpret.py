@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from interpret_cases import CASES, DEFAULT_TILE_K
-from packed_cases import interpreted
+from packed_cases import assert_in_bounds, interpreted
 
 pytest.importorskip("triton")
 
@@ -27,3 +27,8 @@ def test_interpreted_kernel_matches_reference(results, cid):
     assert isinstance(err, float), err
     tol = 1e-2 if "bfloat16" in cid else 2e-3  # one rounding of W_hat (dot) or of the output
     assert err < tol
+
+
+def test_kernels_stay_inside_their_tensors(results):
+    # a discarded out-of-bounds load passes the value checks above and faults on a GPU (bounds.py)
+    assert_in_bounds(results)

@@ -4,7 +4,7 @@ interpreter (one child process with ``TRITON_INTERPRET=1``, as ``test_kernels_in
 from __future__ import annotations
 
 import pytest
-from packed_cases import interpreted
+from packed_cases import assert_in_bounds, interpreted
 
 pytest.importorskip("triton")
 
@@ -42,3 +42,8 @@ def test_rope_attention_decodes_as_transformers(results, arch):
         err = results[cid]
         assert isinstance(err, float), err
         assert err < 2e-3
+
+
+def test_kernels_stay_inside_their_tensors(results):
+    # a discarded out-of-bounds load passes the value checks above and faults on a GPU (bounds.py)
+    assert_in_bounds(results)
