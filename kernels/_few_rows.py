@@ -1,4 +1,4 @@
-"""Tensor-core products of 2-16 activation rows with packed 2-, 4- or 8-bit weights, in Gluon.
+"""Tensor-core products of 2-16 activation rows with packed 2-, 3-, 4- or 8-bit weights, in Gluon.
 
 Why Gluon, not ``tl.dot``: at a few rows the product is a read of the weights, and the Triton
 kernel's dequantized tile goes through shared memory before each MMA (``kernels/NOTES.md`` runs 17
@@ -10,7 +10,8 @@ codes a thread multiplies by which activations.
 
 A step is 128 codes of every row of a tile. Thread ``4 g + t`` of a warp owns row ``g`` of each of
 the warp's 8-row tiles and the codes ``32 t .. 32 t + 31`` of the step (``bits`` consecutive words,
-one 4-16 byte load). Its 16 code pairs ``j`` become the operand's k positions
+one 4-16 byte load; at 3 bits one unit, a word in each of three planes, whose pair ``j`` is in word
+``j // 5`` and pair 15 in the spare bits). Its 16 code pairs ``j`` become the operand's k positions
 ``16 (j // 2) + 8 (j % 2) + 2 t + e``: any bijection of k is allowed as long as the activations take
 the same one, and this one gives every thread a single contiguous load of weights and of each
 activation row. The convert to the MMA layouts is asserted trivial (no data movement).
@@ -29,7 +30,7 @@ kernels, faulting only where the tensor ended at unmapped memory, which this ker
 happened to bring about (run 34; found by compute-sanitizer with each tensor its own allocation).
 
 Requirements (``takes``): on, CUDA of compute capability 8.0 or newer, float16 activations read as int32
-pairs (even K and row stride, 4-byte aligned), 2, 4 or 8 bits, groups of a multiple of 32 codes (or
+pairs (even K and row stride, 4-byte aligned), 2, 3, 4 or 8 bits, groups of a multiple of 32 codes (or
 one group a row), at most 16 rows. Elsewhere ``_launch`` uses the Triton tensor-core kernel.
 """
 
@@ -70,7 +71,7 @@ def takes(x2: torch.Tensor, bits: int, group_size: int, in_features: int) -> boo
     if not enabled():
         return False
     m, k = x2.shape
-    if not (x2.is_cuda and x2.dtype == torch.float16 and 1 <= m <= 16 and bits in (2, 4, 8)):
+    if not (x2.is_cuda and x2.dtype == torch.float16 and 1 <= m <= 16 and bits in (2, 3, 4, 8)):
         return False
     if k % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         return False

@@ -25,14 +25,51 @@ def _pairs_asm(bits):
 
 
 @gluon.jit
-def _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i, BITS: gl.constexpr, GROUP: gl.constexpr):
-    """Step ``i``'s words [BN, 4, BITS] and each thread's scale and packed zero word."""
+def _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i, plane, zplane, BITS: gl.constexpr,
+             GROUP: gl.constexpr):
+    """Step ``i``'s words [BN, 4, BITS] and each thread's scale and packed zero word. At 3 bits a
+    thread's 32 codes are one unit (``_format``): its three words, one a plane ``plane`` words apart,
+    as [BN, 4, 2, 2] (the third twice), and likewise the three words of its zero's unit."""
     P: gl.constexpr = 32 // BITS
-    words = gl.load(qw_ptr + w_off + i * (4 * BITS))
     grp = gl.expand_dims(gl.minimum((i * 128 + 32 * tids) // GROUP, G - 1), 0)
     s = gl.load(s_ptr + srow + grp)
-    zw = gl.load(qz_ptr + zrow + grp // P)
+    if BITS == 3:
+        at = qw_ptr + w_off + i * 4
+        w2 = gl.load(at + 2 * plane)
+        words = gl.join(gl.join(gl.load(at), gl.load(at + plane)), gl.join(w2, w2))
+        zat = qz_ptr + zrow + grp // 32
+        z2 = gl.load(zat + 2 * zplane)
+        zw = gl.join(gl.join(gl.load(zat), gl.load(zat + zplane)), gl.join(z2, z2))
+    else:
+        words = gl.load(qw_ptr + w_off + i * (4 * BITS))
+        zw = gl.load(qz_ptr + zrow + grp // P)
     return words, s, zw, grp
+
+
+@gluon.jit
+def _three(words, L: gl.constexpr):
+    """The three words joined by ``_weights`` at 3 bits, each [BN, 4] in layout ``L`` (where they
+    were loaded)."""
+    a, b = gl.split(words)
+    w0, w1 = gl.split(a)
+    w2, _ = gl.split(b)
+    return (gl.convert_layout(w0, L, assert_trivial=True), gl.convert_layout(w1, L, assert_trivial=True),
+            gl.convert_layout(w2, L, assert_trivial=True))
+
+
+@gluon.jit
+def _unit_zero(zw, grp, L: gl.constexpr):
+    """Zero ``grp % 32`` of the 3-bit unit whose words ``_weights`` joined into ``zw`` (``_format``:
+    pair ``j`` of a unit is in word ``j // 5`` at bits ``3 (j % 5)`` and ``16 + 3 (j % 5)``, zeros 30
+    and 31 in the three words' spare bits 15 and 31)."""
+    z0, z1, z2 = _three(zw, L)
+    r = grp % 32
+    j = r // 2
+    hi = (r % 2) * 16
+    main = gl.where(j < 5, z0, gl.where(j < 10, z1, z2))
+    z = (main >> (hi + 3 * (j % 5))) & 7
+    spare = ((z0 >> (15 + hi)) & 1) | (((z1 >> (15 + hi)) & 1) << 1) | (((z2 >> (15 + hi)) & 1) << 2)
+    return gl.where(r >= 30, spare, z)
 
 
 @gluon.jit
@@ -47,20 +84,43 @@ def _activations(x_ptr, x_off, x_mask_m, xk, K, i, MASK_K: gl.constexpr):
 def _step(acc, words, s, zw, grp, xv, shift, LW: gl.constexpr, LX3: gl.constexpr, DA: gl.constexpr,
           DB: gl.constexpr, BITS: gl.constexpr, BLOCK_N: gl.constexpr):
     P: gl.constexpr = 32 // BITS
-    c = grp % P  # the zero's slot in its word, as the codes' (``_format``)
-    slot = c // 2 + (c % 2) * (P // 2)
-    z = (zw >> (slot * BITS)) & ((1 << BITS) - 1)
+    L2W: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, LW))  # [BN, 4] at 3 bits
+    if BITS == 3:
+        z = _unit_zero(zw, grp, L2W)
+    else:
+        c = grp % P  # the zero's slot in its word, as the codes' (``_format``)
+        slot = c // 2 + (c % 2) * (P // 2)
+        z = (zw >> (slot * BITS)) & ((1 << BITS) - 1)
     zz = (z | 0x6400) * 65537  # (1024 + z) twice, as float16 bits
     ss = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 65537
-    # [BN, 4, BITS, pairs a word, 2]: every pair twice (one asm call makes a pair of float16 elements)
-    w5 = gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift
-    w5, _ = gl.broadcast(w5, gl.full([1, 1, 1, 1, 2], 0, gl.int32, LW))
-    zz5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(zz, 2), 3), 4)
-    ss5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(ss, 2), 3), 4)
-    w5, zz5 = gl.broadcast(w5, zz5)
-    w5, ss5 = gl.broadcast(w5, ss5)
-    f = gl.inline_asm_elementwise(_pairs_asm(BITS), "=r,r,r,r,r,r,r", [w5, zz5, ss5], dtype=gl.float16,
-                                  is_pure=True, pack=2)
+    if BITS == 3:
+        # [BN, 4, 16 pairs, 2]: pair j of the unit from word j // 5 shifted by 3 (j % 5), pair 15
+        # from the spare bits (the selects and shifts fold: j is a register index)
+        w0, w1, w2 = _three(words, L2W)
+        w0 = gl.expand_dims(gl.expand_dims(w0, 2), 3)
+        w1 = gl.expand_dims(gl.expand_dims(w1, 2), 3)
+        w2 = gl.expand_dims(gl.expand_dims(w2, 2), 3)
+        j = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, LW)))), 0), 1), 3)
+        spare = ((w0 >> 15) & 0x00010001) | ((w1 >> 14) & 0x00020002) | ((w2 >> 13) & 0x00040004)
+        pw = gl.where(j == 15, spare, gl.where(j < 5, w0, gl.where(j < 10, w1, w2)) >> (3 * (j % 5)))
+        pw, _ = gl.broadcast(pw, gl.full([1, 1, 1, 2], 0, gl.int32, LW))
+        zz4 = gl.expand_dims(gl.expand_dims(zz, 2), 3)
+        ss4 = gl.expand_dims(gl.expand_dims(ss, 2), 3)
+        pw, zz4 = gl.broadcast(pw, zz4)
+        pw, ss4 = gl.broadcast(pw, ss4)
+        f = gl.inline_asm_elementwise(_pairs_asm(BITS), "=r,r,r,r,r,r,r", [pw, zz4, ss4], dtype=gl.float16,
+                                      is_pure=True, pack=2)
+    else:
+        # [BN, 4, BITS, pairs a word, 2]: every pair twice (one asm call makes a pair of float16 elements)
+        w5 = gl.expand_dims(gl.expand_dims(words, 3), 4) >> shift
+        w5, _ = gl.broadcast(w5, gl.full([1, 1, 1, 1, 2], 0, gl.int32, LW))
+        zz5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(zz, 2), 3), 4)
+        ss5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(ss, 2), 3), 4)
+        w5, zz5 = gl.broadcast(w5, zz5)
+        w5, ss5 = gl.broadcast(w5, ss5)
+        f = gl.inline_asm_elementwise(_pairs_asm(BITS), "=r,r,r,r,r,r,r", [w5, zz5, ss5], dtype=gl.float16,
+                                      is_pure=True, pack=2)
     # a thread's pair j (codes 32 t + 2 j + e) is the operand's k = 16 (j // 2) + 8 (j % 2) + 2 t + e
     f = gl.reshape(f, [BLOCK_N, 4, 8, 2, 2])
     f = gl.permute(f, [2, 3, 1, 4, 0])
@@ -80,11 +140,17 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                     MASK_K: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr):
     WPT: gl.constexpr = BITS  # words a thread loads a step
     PPW: gl.constexpr = 16 // BITS  # code pairs a word holds
-    # words [BN, 4, WPT] and their pairs: lane 4 g + t holds row g (of each 8-row tile), codes 32 t ..
-    LW: gl.constexpr = gl.BlockedLayout([1, 1, WPT, PPW, 2], [8, 4, 1, 1, 1], [NW, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    L4: gl.constexpr = gl.SliceLayout(4, LW)
-    L3: gl.constexpr = gl.SliceLayout(3, L4)
-    L2: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, 4]: (row, t)
+    if BITS == 3:
+        # a unit's 16 code pairs [BN, 4, 16, 2]: lane 4 g + t holds row g (of each 8-row tile), unit t
+        LW: gl.constexpr = gl.BlockedLayout([1, 1, 16, 2], [8, 4, 1, 1], [NW, 1, 1, 1], [3, 2, 1, 0])
+        L2: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, LW))  # [BN, 4]: (row, t)
+    else:
+        # words [BN, 4, WPT] and their pairs: lane 4 g + t holds row g (of each 8-row tile), codes 32 t ..
+        LW: gl.constexpr = gl.BlockedLayout([1, 1, WPT, PPW, 2], [8, 4, 1, 1, 1], [NW, 1, 1, 1, 1],
+                                            [4, 3, 2, 1, 0])
+        L4: gl.constexpr = gl.SliceLayout(4, LW)
+        L3: gl.constexpr = gl.SliceLayout(3, L4)
+        L2: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, 4]: (row, t)
     # activations as int32 pairs [16, 64]: lane 4 g + t holds rows g and g + 8, pairs 16 t ..; every
     # warp holds all of them (the MMA's A operand is shared by the warps' column tiles)
     LX3: gl.constexpr = gl.BlockedLayout([1, 16, 2], [8, 4, 1], [1, NW, 1], [2, 1, 0])
@@ -101,11 +167,17 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
 
     rows = gl.minimum(pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L2)), N - 1)
     tids = gl.arange(0, 4, layout=gl.SliceLayout(0, L2))
-    cs = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
-    w_off = gl.expand_dims(gl.expand_dims(rows * ROW_WORDS, 1) + gl.expand_dims(tids * WPT, 0), 2) \
-        + gl.expand_dims(gl.expand_dims(cs, 0), 1)
-    ps = gl.arange(0, PPW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
-    shift = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ps * BITS, 0), 1), 2), 4)
+    if BITS == 3:
+        w_off = gl.expand_dims(rows * ROW_WORDS, 1) + gl.expand_dims(tids, 0)  # plane 0's word of unit t
+        shift = 0
+    else:
+        cs = gl.arange(0, WPT, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+        w_off = gl.expand_dims(gl.expand_dims(rows * ROW_WORDS, 1) + gl.expand_dims(tids * WPT, 0), 2) \
+            + gl.expand_dims(gl.expand_dims(cs, 0), 1)
+        ps = gl.arange(0, PPW, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+        shift = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(ps * BITS, 0), 1), 2), 4)
+    plane = ROW_WORDS // 3  # 3 bits: words from one plane of a row to the next (``_format``)
+    zplane = ZROW_WORDS // 3
     zrow = gl.expand_dims(rows * ZROW_WORDS, 1)
     srow = gl.expand_dims(rows * G, 1)
     xm = gl.arange(0, 16, layout=gl.SliceLayout(1, LX))
@@ -116,28 +188,28 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     acc = gl.zeros([16, BLOCK_N], gl.float32, MMA)
     if PREFETCH == 1:
         # the next step's loads go out before this step's arithmetic (the last step reloads itself)
-        w, s, zw, grp = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, BITS, GROUP)
+        w, s, zw, grp = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, plane, zplane, BITS, GROUP)
         xv = _activations(x_ptr, x_off, x_mask_m, xk, K, i0, MASK_K)
         for i in range(i0, i1):
             nxt = gl.minimum(i + 1, i1 - 1)
-            nw_, ns, nzw, ngrp = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, nxt, BITS, GROUP)
+            nw_, ns, nzw, ngrp = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, nxt, plane, zplane, BITS, GROUP)
             nxv = _activations(x_ptr, x_off, x_mask_m, xk, K, nxt, MASK_K)
             acc = _step(acc, w, s, zw, grp, xv, shift, LW, LX3, DA, DB, BITS, BLOCK_N)
             w, s, zw, grp, xv = nw_, ns, nzw, ngrp, nxv
     else:
         # two steps ahead: a loop of step pairs whose odd last step is skipped (more registers; it
         # pays on long K loops, run 32)
-        wa, sa, za, ga = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, BITS, GROUP)
+        wa, sa, za, ga = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, plane, zplane, BITS, GROUP)
         xa = _activations(x_ptr, x_off, x_mask_m, xk, K, i0, MASK_K)
         i0b = gl.minimum(i0 + 1, i1 - 1)
-        wb, sb, zb, gb = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0b, BITS, GROUP)
+        wb, sb, zb, gb = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0b, plane, zplane, BITS, GROUP)
         xb = _activations(x_ptr, x_off, x_mask_m, xk, K, i0b, MASK_K)
         for i in range(i0, i1, 2):
             ic = gl.minimum(i + 2, i1 - 1)
             idd = gl.minimum(i + 3, i1 - 1)
-            wc, sc, zc, gc = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, ic, BITS, GROUP)
+            wc, sc, zc, gc = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, ic, plane, zplane, BITS, GROUP)
             xc = _activations(x_ptr, x_off, x_mask_m, xk, K, ic, MASK_K)
-            wd, sd, zd, gd = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, idd, BITS, GROUP)
+            wd, sd, zd, gd = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, idd, plane, zplane, BITS, GROUP)
             xd = _activations(x_ptr, x_off, x_mask_m, xk, K, idd, MASK_K)
             acc = _step(acc, wa, sa, za, ga, xa, shift, LW, LX3, DA, DB, BITS, BLOCK_N)
             if i + 1 < i1:

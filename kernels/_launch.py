@@ -33,7 +33,7 @@ class KernelConfig:
     place, ``gemv_asm`` with inline PTX, ``gemv_h2`` two codes per float16-pair instruction, see
     ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take),
     ``"dot"`` (tensor cores, several rows) or ``"mma"`` (tensor cores fed from registers, 2-16 rows,
-    2, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2;
+    2, 3, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2;
     off with ``HPSEARCH_FEW_ROWS=0``: products it cannot take, or all while it is off, run
     ``"dot"``)."""
 
@@ -53,12 +53,12 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
     ``python -m hpsearch.bench kernels --sweep --tuning-out PATH``, else the H100 table shipped in
     :mod:`._tuned`) wins for the shapes it holds; otherwise a rule that keeps about four programs
     per SM in flight. See ``kernels/NOTES.md`` for the measurements. ``few_rows``: whether 2-16 rows
-    at 2 and 4 bits may take ``"mma"`` (default: unless ``HPSEARCH_FEW_ROWS=0`` turned it off).
+    at 2, 3 and 4 bits may take ``"mma"`` (default: unless ``HPSEARCH_FEW_ROWS=0`` turned it off).
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
     if few_rows is None:
         few_rows = _few_rows.enabled()
-    few_rows = few_rows and bucket == 16 and bits in (2, 4)
+    few_rows = few_rows and bucket == 16 and bits in (2, 3, 4)
     tuned = _tuned_table().get(f"{'mma' if few_rows else ''}{bucket}:{k}x{n}:{bits}") if bucket else None
     if tuned is not None:
         return KernelConfig(**tuned)

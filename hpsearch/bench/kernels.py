@@ -88,8 +88,8 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
             for sk in (1, 2, 4, 8):
                 out.append(KernelConfig("dot", block_n=bn, block_k=128, block_m=16, split_k=sk, num_stages=3))
         out.append(KernelConfig("dot", block_n=128, block_k=128, block_m=16, split_k=4, num_warps=8, num_stages=3))
-        if bits in (2, 4, 8) and _few_rows_enabled():  # operands from the loaded words (``_few_rows``, run 32)
-            for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8)):
+        if bits in (2, 3, 4, 8) and _few_rows_enabled():  # operands from the loaded words (``_few_rows``, run 32)
+            for bn, nw in ((64, 4), (128, 4), (128, 8), (256, 8), (256, 4)):
                 for sk in (1, 2, 4, 8):
                     for ahead in (1, 2):
                         out.append(KernelConfig("mma", block_n=bn, block_k=128, block_m=16, split_k=sk, num_warps=nw,

@@ -43,7 +43,7 @@ def _compile_sm90(bits: int, prefetch: int):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("prefetch", [1, 2])
 def test_operands_come_from_registers(bits, prefetch):
     compiled = _compile_sm90(bits, prefetch)
@@ -55,13 +55,13 @@ def test_operands_come_from_registers(bits, prefetch):
 
 
 def test_on_by_default_and_off_with_0(monkeypatch):
-    """2-16 rows at 2 and 4 bits take the kernel unless ``HPSEARCH_FEW_ROWS=0``; 3 and 8 bits keep the
-    Triton tensor-core kernel either way."""
+    """2-16 rows at 2, 3 and 4 bits take the kernel unless ``HPSEARCH_FEW_ROWS=0``; 8 bits keep the
+    Triton tensor-core kernel either way (no faster there, run 32)."""
     from hpsearch.kernels import _few_rows
 
     monkeypatch.delenv("HPSEARCH_FEW_ROWS", raising=False)
     assert _few_rows.enabled()
-    for bits, kind in ((2, "mma"), (3, "dot"), (4, "mma"), (8, "dot")):
+    for bits, kind in ((2, "mma"), (3, "mma"), (4, "mma"), (8, "dot")):
         assert choose_config(16, 11008, 4096, bits).kind == kind
         assert choose_config(4, 1000, 352, bits).kind == kind
     monkeypatch.setenv("HPSEARCH_FEW_ROWS", "0")
@@ -79,21 +79,20 @@ def test_a_bad_switch_is_refused(monkeypatch):
 
 
 @pytest.mark.parametrize("m", [2, 9, 16])
-def test_choose_config_sends_few_rows_at_2_and_4_bits_to_it(m, few_rows_on):
-    for bits in (2, 4):
+def test_choose_config_sends_few_rows_at_2_3_and_4_bits_to_it(m, few_rows_on):
+    for bits in (2, 3, 4):
         for n, k in ((11008, 4096), (4096, 11008), (1000, 352), (28672, 8192)):
             cfg = choose_config(m, n, k, bits)
             assert cfg.kind == "mma" and cfg.block_n % 32 == 0 and cfg.num_stages in (1, 2)
             assert cfg.split_k == 1 or k // (128 * cfg.split_k) >= 1
-    for bits in (3, 8):
-        assert choose_config(m, 11008, 4096, bits).kind == "dot"
+    assert choose_config(m, 11008, 4096, 8).kind == "dot"
     assert choose_config(17, 11008, 4096, 4).kind == "dot"
     assert choose_config(1, 11008, 4096, 4).kind.startswith("gemv")
 
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("n,k,g,m", [(1000, 4096, 128, 1), (1000, 4096, 128, 16), (200, 320, 32, 5),
                                      (1000, 4160, 64, 16), (72, 256, 256, 3), (24, 1000, 1000, 7)])
 def test_matches_reference(bits, n, k, g, m, few_rows_on):
