@@ -194,7 +194,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     if cfg.kind == "mma":
         if _few_rows.takes(x2, bits, group_size, in_features):
             return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
-                                    cfg.split_k, cfg.num_warps, cfg.num_stages).to(x2.dtype)
+                                    cfg.split_k, cfg.num_warps, cfg.num_stages)  # float16, as x2 (takes)
         cfg = choose_config(m, n, k_pad, bits, few_rows=False)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")

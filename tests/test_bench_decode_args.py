@@ -19,3 +19,11 @@ from hpsearch.bench.decode import run
 ])
 def test_bad_options_are_refused_before_any_model_is_built(argv, message, capsys):
     assert message in refusal(run, argv, capsys)
+
+
+def test_a_bad_kernel_switch_is_refused_before_any_benchmark_runs(monkeypatch, capsys):
+    from hpsearch.bench.__main__ import main
+
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "yes")
+    assert main(["decode"]) == 2
+    assert "HPSEARCH_FEW_ROWS must be 0 (off) or 1 (on, the default), got 'yes'" in capsys.readouterr().err

@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     if name not in names:
         print(f"hpsearch.bench: error: NAME: {name!r} is not a benchmark; allowed: {', '.join(names)}", file=sys.stderr)
         return 2
+    from hpsearch.kernels import _few_rows
+
+    try:  # a bad kernel switch is refused before a benchmark builds anything
+        _few_rows.enabled()
+    except ValueError as e:
+        print(f"hpsearch.bench: error: {e}", file=sys.stderr)
+        return 2
     result = importlib.import_module(f"hpsearch.bench.{name}").run(argv[1:])
     print(json.dumps(result, indent=1, default=str))
     return 0
