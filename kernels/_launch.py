@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import _few_rows
+from . import _few_rows, _skinny
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded
 from ._reference import matmul_reference
 
@@ -32,10 +32,13 @@ class KernelConfig:
     ``"gemv_h2"`` (one activation row per program; the last three turn fields into floats in
     place, ``gemv_asm`` with inline PTX, ``gemv_h2`` two codes per float16-pair instruction, see
     ``_triton_kernels``; ``gemv_h2`` falls back to ``gemv_asm`` for activations it cannot take),
-    ``"dot"`` (tensor cores, several rows) or ``"mma"`` (tensor cores fed from registers, 2-16 rows,
-    2, 3, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2;
-    off with ``HPSEARCH_FEW_ROWS=0``: products it cannot take, or all while it is off, run
-    ``"dot"``)."""
+    ``"dot"`` (tensor cores, several rows), ``"mma"`` (tensor cores fed from registers, 2-16 rows,
+    2, 3, 4 and 8 bits, see ``_few_rows``; ``num_stages`` is the steps of weights loaded ahead, 1 or 2)
+    or ``"skinny"`` (the weights as the MMA's A operand, 1-8 rows, 2, 3 and 4 bits in groups of a
+    multiple of 128, see ``_skinny``; ``block_n`` is ``16 * row tiles * num_warps`` weight rows a
+    program, ``num_stages`` the steps of weights loaded together, 1, 2 or 4). Both Gluon kinds are
+    off with ``HPSEARCH_FEW_ROWS=0``: products they cannot take, or all while they are off, run the
+    Triton kernels."""
 
     kind: str
     block_n: int
@@ -46,19 +49,34 @@ class KernelConfig:
     num_stages: int = 1
 
 
-def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = None) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = None,
+                  skinny: bool = True) -> KernelConfig:
     """The tile sizes used for an ``[m, k] x [n, k]^T`` product at ``bits``.
 
     A measured table (``HPSEARCH_KERNEL_TUNING``: a JSON file written by
     ``python -m hpsearch.bench kernels --sweep --tuning-out PATH``, else the H100 table shipped in
     :mod:`._tuned`) wins for the shapes it holds; otherwise a rule that keeps about four programs
     per SM in flight. See ``kernels/NOTES.md`` for the measurements. ``few_rows``: whether 2-16 rows
-    at 2, 3 and 4 bits may take ``"mma"`` (default: unless ``HPSEARCH_FEW_ROWS=0`` turned it off).
+    at 2, 3 and 4 bits may take the Gluon kernels (default: unless ``HPSEARCH_FEW_ROWS=0`` turned
+    them off); ``skinny``: whether 2-8 rows may take ``"skinny"`` among them.
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
     if few_rows is None:
         few_rows = _few_rows.enabled()
     few_rows = few_rows and bucket == 16 and bits in (2, 3, 4)
+    if few_rows and skinny and m <= _skinny.MAX_ROWS:
+        # 2-4 rows: either Gluon kernel, whichever measured faster (at 4 rows)
+        tuned = _tuned_table().get(f"gl4:{k}x{n}:{bits}") if m <= 4 else None
+        if tuned is not None:
+            return KernelConfig(**tuned)
+        if bits == 2 or (bits == 4 and m <= 4):
+            # kernels/NOTES.md run 37: at 4 rows "skinny" beat "mma" by 10-33% at 2 bits and 0-16% at
+            # 4 bits on Llama shapes (at 8 rows 4 bits, not on 8192x28672); two row tiles a warp,
+            # K split 4 ways (about 1400-1800 one-warp programs on 4096x11008 and 8192x28672)
+            steps = max(1, k // 128)
+            split = 4 if steps >= 16 else max(1, steps // 4)
+            return KernelConfig("skinny", block_n=32, block_k=128, block_m=8, split_k=split, num_warps=1,
+                                num_stages=1)
     tuned = _tuned_table().get(f"{'mma' if few_rows else ''}{bucket}:{k}x{n}:{bits}") if bucket else None
     if tuned is not None:
         return KernelConfig(**tuned)
@@ -103,7 +121,8 @@ def fingerprint() -> str:
     objective's) go stale, and are measured again, when any of these change."""
     h = hashlib.sha256()
     here = Path(__file__).parent
-    for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py", "_few_rows.py", "_few_rows_kernels.py"):
+    for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py", "_few_rows.py", "_few_rows_kernels.py",
+                 "_skinny.py", "_skinny_kernels.py"):
         h.update((here / name).read_bytes())
     h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
     h.update(b"few-rows" if _few_rows.enabled() else b"")
@@ -191,6 +210,11 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         cfg = dataclasses.replace(cfg, split_k=1)  # the epilogue needs whole sums
         while rope is not None and (rope.head_dim // 2) % (cfg.block_n // 2):  # a program's pairs in one head
             cfg = dataclasses.replace(cfg, block_n=cfg.block_n // 2)
+    if cfg.kind == "skinny":
+        if _skinny.takes(x2, bits, group_size, in_features):
+            return _skinny.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features,
+                                  cfg.block_n // (16 * cfg.num_warps), cfg.split_k, cfg.num_warps, cfg.num_stages)
+        cfg = choose_config(m, n, k_pad, bits, skinny=False)
     if cfg.kind == "mma":
         if _few_rows.takes(x2, bits, group_size, in_features):
             return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
@@ -242,7 +266,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
                               F16X2=f16x2, GT=groups_per_tile, **common)
     else:
-        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2', 'dot' or 'mma', "
+        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2', 'dot', 'mma' or 'skinny', "
                          f"got {cfg.kind!r}")
     return y.to(x2.dtype)
 

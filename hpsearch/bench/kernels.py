@@ -13,7 +13,8 @@ graphs remove launch gaps, as in a decode step under CUDA graphs.
 
 A row is ``K, N, M, bits, kernel, fp16_us, packed_us, speedup, limit, config``: ``limit`` is the
 speedup that bytes moved allow (float16 weight + activations over packed storage + activations),
-``config`` the tiles timed (``kind:n..k..``; an ``mma`` config the product cannot take runs ``dot``).
+``config`` the tiles timed (``kind:n..k..``; an ``mma`` or ``skinny`` config the product cannot take runs
+the Triton kernels).
 ``--sweep`` also times every tile configuration of :func:`sweep_configs` and reports the best per
 row; ``--tuning-out PATH`` writes them as the table :func:`hpsearch.kernels.choose_config`
 reads (``HPSEARCH_KERNEL_TUNING=PATH``, or ``kernels/_tuned.py`` once copied there); ``--jobs``
@@ -78,6 +79,13 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                                    (8, 8192, 8, 1, 1), (4, 4096, 8, 1, 1), (2, 4096, 4, 1, 1), (8, 4096, 8, 1, 1),
                                    (16, 8192, 8, 1, 1), (4, 2048, 4, 1, 1), (2, 8192, 4, 1, 1), (4, 8192, 8, 1, 1)):
             out.append(KernelConfig("gemv_h2", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns))
+    if m <= 8 and bits in (2, 3, 4) and _few_rows_enabled():  # weights as the MMA's A operand (``_skinny``)
+        for rt, nw, sk, depth in ((2, 1, 4, 1), (2, 1, 4, 2), (1, 1, 4, 2), (1, 2, 4, 2), (2, 2, 4, 2), (2, 1, 2, 2),
+                                  (1, 1, 8, 2), (2, 1, 8, 1), (1, 1, 2, 4), (4, 1, 4, 1)):
+            if bits == 3 and rt * depth > 4:
+                continue
+            out.append(KernelConfig("skinny", block_n=16 * rt * nw, block_k=128, block_m=8, split_k=sk, num_warps=nw,
+                                    num_stages=depth))
     if m <= 16:
         # tensor cores over tiles of several groups
         for bn, bk, nw, sk in ((64, 512, 4, 1), (64, 512, 4, 2), (128, 512, 8, 1), (64, 256, 4, 2),
@@ -259,8 +267,11 @@ def run(args: list[str]) -> dict[str, Any]:
                        "limit": round(limit, 2), "config": _cfg_str(best[1])}
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
-                    if bucket:
-                        prefix = "mma" if best[1].kind == "mma" else ""  # choose_config's key for it
+                    if bucket:  # choose_config's key for it
+                        if 2 <= m <= 4 and best[1].kind in ("mma", "skinny"):
+                            prefix, bucket = "gl", 4
+                        else:
+                            prefix = "mma" if best[1].kind == "mma" else ""
                         tuning[f"{prefix}{bucket}:{k}x{n}:{bits}"] = dataclasses.asdict(best[1])
                 rows.append(row)
                 print(row, file=sys.stderr)

@@ -3,7 +3,7 @@ each tensor its own allocation (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``): an access
 then past an allocation, which memcheck reports (the caching allocator's segments hide it).
 
 Covers the one-row kernels, the Triton tensor-core kernel, the few-row Gluon kernel (split K, one or
-two steps ahead), 2/3/4/8 bits with groups of 32 to a whole row and K off the tile, and a small
+two steps ahead), the skinny Gluon kernel (row tiles, warps, steps loaded together, split K), 2/3/4/8 bits with groups of 32 to a whole row and K off the tile, and a small
 Llama's and Qwen2's fused decode (siblings, gated MLP, rotary + cache write) at one and four sequences.
 Prints ``done`` at the end.
 """
@@ -20,14 +20,19 @@ def main() -> None:
     from packed_cases import random_qsz
 
     # (N, K, group): 32 groups (3-bit zeros 30 and 31, kernels/NOTES.md run 34), K off 128, one group a row
-    for (n, k, g), bits, m in itertools.product([(96, 4096, 128), (40, 4160, 64), (24, 1000, 1000)], [2, 3, 4, 8],
-                                                [1, 4, 16, 40]):
+    for (n, k, g), bits, m in itertools.product([(96, 4096, 128), (40, 4160, 64), (24, 1000, 1000), (40, 4352, 256)],
+                                                [2, 3, 4, 8], [1, 4, 16, 40]):
         w = pack(*random_qsz(n, k, g, bits, seed=n + bits + m, device="cuda"), bits, g)
         x = torch.randn(m, k, device="cuda", dtype=torch.float16)
         packed_matmul(x, w)
         if 1 < m <= 16:
             for split, ahead in ((3, 1), (1, 2)):
                 cfg = KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=split, num_stages=ahead)
+                packed_matmul(x, w, config=cfg)
+        if m <= 8:  # weights as the MMA's A operand (``_skinny``): row tiles, warps, depths, splits
+            for rt, nw, split, depth in ((2, 1, 3, 1), (1, 2, 1, 2), (1, 1, 5, 4)):
+                cfg = KernelConfig("skinny", block_n=16 * rt * nw, block_k=128, block_m=8, split_k=split,
+                                   num_warps=nw, num_stages=depth)
                 packed_matmul(x, w, config=cfg)
     torch.cuda.synchronize()
 

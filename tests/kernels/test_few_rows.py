@@ -63,7 +63,7 @@ def test_on_by_default_and_off_with_0(monkeypatch):
     assert _few_rows.enabled()
     for bits, kind in ((2, "mma"), (3, "mma"), (4, "mma"), (8, "dot")):
         assert choose_config(16, 11008, 4096, bits).kind == kind
-        assert choose_config(4, 1000, 352, bits).kind == kind
+        assert choose_config(4, 1000, 352, bits, skinny=False).kind == kind
     monkeypatch.setenv("HPSEARCH_FEW_ROWS", "0")
     assert not _few_rows.enabled()
     for bits in (2, 3, 4, 8):
@@ -82,7 +82,7 @@ def test_a_bad_switch_is_refused(monkeypatch):
 def test_choose_config_sends_few_rows_at_2_3_and_4_bits_to_it(m, few_rows_on):
     for bits in (2, 3, 4):
         for n, k in ((11008, 4096), (4096, 11008), (1000, 352), (28672, 8192)):
-            cfg = choose_config(m, n, k, bits)
+            cfg = choose_config(m, n, k, bits, skinny=False)  # 2-8 rows may take ``skinny`` (test_skinny)
             assert cfg.kind == "mma" and cfg.block_n % 32 == 0 and cfg.num_stages in (1, 2)
             assert cfg.split_k == 1 or k // (128 * cfg.split_k) >= 1
     assert choose_config(m, 11008, 4096, 8).kind == "dot"
