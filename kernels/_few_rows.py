@@ -107,6 +107,15 @@ def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Ten
     return ws, cnt
 
 
+def k_splits(qweight: torch.Tensor, bits: int, split_k: int) -> tuple[int, int, int, int]:
+    """``K_pad``, its 128-code steps, the steps a split takes and the splits that leaves (at most
+    ``split_k``, none empty), for a launch of either Gluon kernel."""
+    k_pad = qweight.shape[1] * 32 // bits
+    k_steps = k_pad // BLOCK_K
+    per_split = -(-k_steps // max(1, split_k))
+    return k_pad, k_steps, per_split, -(-k_steps // per_split)
+
+
 def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
            bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, block_n: int,
            split_k: int, num_warps: int, prefetch: int) -> torch.Tensor:
@@ -117,10 +126,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     kern = _gluon()
     m, k = x2.shape
     n, g = scales.shape
-    k_pad = qweight.shape[1] * 32 // bits
-    k_steps = k_pad // BLOCK_K
-    per_split = -(-k_steps // max(1, split_k))
-    split_k = -(-k_steps // per_split)
+    k_pad, k_steps, per_split, split_k = k_splits(qweight, bits, split_k)
     tiles = -(-n // block_n)
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)
     ws, cnt = _workspace(x2.device, split_k * 16 * n if split_k > 1 else 0, tiles)

@@ -63,6 +63,12 @@ def _unit_zero(zw, grp, L: gl.constexpr):
     pair ``j`` of a unit is in word ``j // 5`` at bits ``3 (j % 5)`` and ``16 + 3 (j % 5)``, zeros 30
     and 31 in the three words' spare bits 15 and 31)."""
     z0, z1, z2 = _three(zw, L)
+    return _zero_of_unit(z0, z1, z2, grp)
+
+
+@gluon.jit
+def _zero_of_unit(z0, z1, z2, grp):
+    """Zero ``grp % 32`` of the 3-bit unit held by the words ``z0, z1, z2`` (see ``_unit_zero``)."""
     r = grp % 32
     j = r // 2
     hi = (r % 2) * 16
@@ -74,7 +80,7 @@ def _unit_zero(zw, grp, L: gl.constexpr):
 
 @gluon.jit
 def _activations(x_ptr, x_off, x_mask_m, xk, K, i, MASK_K: gl.constexpr):
-    """Step ``i``'s activations as int32 float16 pairs [16, 64] (rows past M and codes past K are 0)."""
+    """Step ``i``'s activations as int32 float16 pairs [rows, 64] (rows past M and codes past K are 0)."""
     if MASK_K:
         return gl.load(x_ptr + x_off + i * 64, mask=x_mask_m & gl.expand_dims(i * 128 + 2 * xk < K, 0), other=0)
     return gl.load(x_ptr + x_off + i * 64, mask=x_mask_m, other=0)

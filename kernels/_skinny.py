@@ -91,10 +91,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     kern = _gluon()
     m, k = x2.shape
     n, g = scales.shape
-    k_pad = qweight.shape[1] * 32 // bits
-    k_steps = k_pad // BLOCK_K
-    per_split = -(-k_steps // max(1, split_k))
-    split_k = -(-k_steps // per_split)
+    k_pad, k_steps, per_split, split_k = _few_rows.k_splits(qweight, bits, split_k)
     rows = 16 * row_tiles * num_warps
     tiles = -(-n // rows)
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)

@@ -11,6 +11,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
+from ._few_rows_kernels import _activations, _zero_of_unit
+
 # renamed to ``barrier`` after Triton 3.6
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -68,14 +70,6 @@ def _load_chunk(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, d_w, d_s, G, c0, i1, p
 
 
 @gluon.jit
-def _load_x(x_ptr, x_off, x_mask_m, xk, K, i, MASK_K: gl.constexpr):
-    """Step ``i``'s activations as int32 pairs [8, 64] (tokens past M and codes past K are 0)."""
-    if MASK_K:
-        return gl.load(x_ptr + x_off + i * 64, mask=x_mask_m & gl.expand_dims(i * 128 + 2 * xk < K, 0), other=0)
-    return gl.load(x_ptr + x_off + i * 64, mask=x_mask_m, other=0)
-
-
-@gluon.jit
 def _rows_to_mma(v, R: gl.constexpr, NW: gl.constexpr, LM: gl.constexpr):
     """Per-row values [BR] indexed by weight row ``16 NW r + 16 w + 2 g + h`` as MMA rows
     ``16 NW r + 16 w + 8 h + g`` (the same thread holds both)."""
@@ -88,13 +82,7 @@ def _zero(zw, grp, BITS: gl.constexpr):
     """Each row's zero of group ``grp`` from its packed zero word(s) (``_format``)."""
     if BITS == 3:
         z0, z1, z2 = zw
-        r = grp % 32
-        j = r // 2
-        hi = (r % 2) * 16
-        main = gl.where(j < 5, z0, gl.where(j < 10, z1, z2))
-        z = (main >> (hi + 3 * (j % 5))) & 7
-        spare = ((z0 >> (15 + hi)) & 1) | (((z1 >> (15 + hi)) & 1) << 1) | (((z2 >> (15 + hi)) & 1) << 2)
-        return gl.where(r >= 30, spare, z)
+        return _zero_of_unit(z0, z1, z2, grp)
     else:
         P: gl.constexpr = 32 // BITS
         c = grp % P
@@ -298,7 +286,7 @@ def skinny_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     # D steps of weights in flight while the D before them are computed; activations one step ahead
     words, s, zw = _load_chunk(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, d_w, d_s, G, i0, i1, plane, zplane,
                                BITS, GROUP, D)
-    xv = _load_x(x_ptr, x_off, x_mask_m, xk, K, i0, MASK_K)
+    xv = _activations(x_ptr, x_off, x_mask_m, xk, K, i0, MASK_K)
     for c in range(i0, i1, D):
         nwords, ns, nzw = _load_chunk(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, d_w, d_s, G, c + D, i1, plane,
                                       zplane, BITS, GROUP, D)
@@ -315,7 +303,7 @@ def skinny_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
             zs = _split_steps(zw, D)
         for d in gl.static_range(D):
             step = c + d
-            nxv = _load_x(x_ptr, x_off, x_mask_m, xk, K, gl.minimum(step + 1, i1 - 1), MASK_K)
+            nxv = _activations(x_ptr, x_off, x_mask_m, xk, K, gl.minimum(step + 1, i1 - 1), MASK_K)
             grp = gl.minimum((step * 128) // GROUP, G - 1)
             if step < i1:
                 if BITS == 3:
