@@ -70,7 +70,7 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
         if tuned is not None:
             return KernelConfig(**tuned)
         if bits == 2 or (bits == 4 and m <= 4):
-            # kernels/NOTES.md run 37: at 4 rows "skinny" beat "mma" by 10-33% at 2 bits and 0-16% at
+            # kernels/NOTES.md run 37: at 4 rows "skinny" beat "mma" by 16-33% at 2 bits and 3-16% at
             # 4 bits on Llama shapes (at 8 rows 4 bits, not on 8192x28672); two row tiles a warp,
             # K split 4 ways (about 1400-1800 one-warp programs on 4096x11008 and 8192x28672)
             steps = max(1, k // 128)
