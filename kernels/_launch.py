@@ -65,8 +65,8 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
         few_rows = _few_rows.enabled()
     few_rows = few_rows and bucket == 16 and bits in (2, 3, 4)
     if few_rows and skinny and m <= _skinny.MAX_ROWS:
-        # 2-4 rows: either Gluon kernel, whichever measured faster (at 4 rows)
-        tuned = _tuned_table().get(f"gl4:{k}x{n}:{bits}") if m <= 4 else None
+        # 2-4 and 5-8 rows: either Gluon kernel, whichever measured faster (at 4 and at 8 rows)
+        tuned = _tuned_table().get(f"gl{4 if m <= 4 else 8}:{k}x{n}:{bits}")
         if tuned is not None:
             return KernelConfig(**tuned)
         if bits == 2 or (bits == 4 and m <= 4):

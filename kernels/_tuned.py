@@ -4,8 +4,8 @@ Written from ``python -m hpsearch.bench kernels --sweep --tuning-out tuned.json`
 one-row entries for 2-4 bits from run 14 (``gemv_h2``, 3-bit units), 8 bits from run 20 (``gemv_asm``); 16-row entries for 4
 bits from run 8 (tensor cores over tiles of several groups), other bits from run 4 (``kernels/NOTES.md``);
 keyed ``"{M bucket}:{K}x{N}:{bits}"`` (bucket 1: one row; 16: two to sixteen rows; ``mma16``: two to
-sixteen rows on the Gluon kernel of ``_few_rows``, run 35 of session 10, unless it is turned off; ``gl4``: two to four
-rows, either Gluon kernel, run 37 of session 11). Shapes not listed
+sixteen rows on the Gluon kernel of ``_few_rows``, run 35 of session 10, unless it is turned off; ``gl4`` / ``gl8``: two to four /
+five to eight rows, either Gluon kernel, run 37 of session 11). Shapes not listed
 fall back to the rule in :func:`._launch.choose_config`.
 """
 
@@ -36,6 +36,32 @@ H100: dict[str, dict] = {
         "split_k": 4, "num_warps": 1, "num_stages": 2},
     "gl4:8192x28672:4": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
         "split_k": 4, "num_warps": 2, "num_stages": 2},
+    # run 37: 5-8 rows, whichever Gluon kernel was faster at 8 rows
+    # (python -m hpsearch.bench kernels --m 8 --bits 2,3,4 --sweep --kinds skinny,mma --tuning-out gl8.json)
+    "gl8:11008x4096:2": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 8, "num_warps": 1, "num_stages": 1},
+    "gl8:11008x4096:3": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 8, "num_warps": 1, "num_stages": 1},
+    "gl8:11008x4096:4": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
+        "split_k": 8, "num_warps": 4, "num_stages": 1},
+    "gl8:4096x11008:2": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 4, "num_warps": 1, "num_stages": 1},
+    "gl8:4096x11008:3": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
+        "split_k": 4, "num_warps": 4, "num_stages": 1},
+    "gl8:4096x11008:4": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 4, "num_warps": 1, "num_stages": 1},
+    "gl8:4096x4096:2": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 8, "num_warps": 1, "num_stages": 1},
+    "gl8:4096x4096:3": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
+        "split_k": 4, "num_warps": 4, "num_stages": 1},
+    "gl8:4096x4096:4": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
+        "split_k": 8, "num_warps": 4, "num_stages": 1},
+    "gl8:8192x28672:2": {"kind": "skinny", "block_n": 32, "block_k": 128, "block_m": 8,
+        "split_k": 4, "num_warps": 1, "num_stages": 1},
+    "gl8:8192x28672:3": {"kind": "mma", "block_n": 256, "block_k": 128, "block_m": 16,
+        "split_k": 2, "num_warps": 4, "num_stages": 1},
+    "gl8:8192x28672:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
+        "split_k": 1, "num_warps": 4, "num_stages": 2},
     # run 35 (session 10): the Gluon kernel of _few_rows (3 bits added), used unless HPSEARCH_FEW_ROWS=0
     # (python -m hpsearch.bench kernels --m 16 --bits 3,4,2 --sweep --kinds mma --tuning-out tuned16.json)
     "mma16:11008x4096:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,

@@ -268,8 +268,8 @@ def run(args: list[str]) -> dict[str, Any]:
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:  # choose_config's key for it
-                        if 2 <= m <= 4 and best[1].kind in ("mma", "skinny"):
-                            prefix, bucket = "gl", 4
+                        if 2 <= m <= 8 and best[1].kind in ("mma", "skinny"):
+                            prefix, bucket = "gl", 4 if m <= 4 else 8
                         else:
                             prefix = "mma" if best[1].kind == "mma" else ""
                         tuning[f"{prefix}{bucket}:{k}x{n}:{bits}"] = dataclasses.asdict(best[1])

@@ -55,8 +55,8 @@ def test_operands_come_from_registers(bits, row_tiles, num_warps, depth):
 
 def test_choose_config_for_2_to_8_rows(monkeypatch):
     """Off the measured table, 2-8 rows at 2 bits (and 4 bits up to 4 rows) take ``skinny`` and the
-    others ``mma``; the table's ``gl4`` entries (2-4 rows) win where they exist; one row keeps the
-    GEMVs; ``HPSEARCH_FEW_ROWS=0`` turns both Gluon kernels off."""
+    others ``mma``; the table's ``gl4`` / ``gl8`` entries (2-4 / 5-8 rows) win where they exist; one
+    row keeps the GEMVs; ``HPSEARCH_FEW_ROWS=0`` turns both Gluon kernels off."""
     monkeypatch.delenv("HPSEARCH_FEW_ROWS", raising=False)
     for n, k in ((1000, 352), (5000, 2048), (3000, 14336)):
         for m in (2, 4, 8):
@@ -68,9 +68,10 @@ def test_choose_config_for_2_to_8_rows(monkeypatch):
         assert choose_config(9, n, k, 2).kind == "mma"
         assert choose_config(1, n, k, 2).kind.startswith("gemv")
         assert choose_config(4, n, k, 2, skinny=False).kind == "mma"
-    assert choose_config(3, 11008, 4096, 3).kind == "skinny"  # measured (run 37)
+    assert choose_config(3, 11008, 4096, 3).kind == "skinny"  # measured at 4 rows (run 37)
     assert choose_config(3, 4096, 4096, 4).kind == "mma"
-    assert choose_config(6, 11008, 4096, 3).kind == "mma"  # the table is for 2-4 rows
+    assert choose_config(6, 11008, 4096, 4).kind == "skinny"  # measured at 8 rows
+    assert choose_config(6, 28672, 8192, 4).kind == "mma"
     monkeypatch.setenv("HPSEARCH_FEW_ROWS", "0")
     assert choose_config(4, 11008, 4096, 2).kind == "dot"
 
