@@ -41,7 +41,7 @@ import os
 
 import torch
 
-__all__ = ["BLOCK_K", "enabled", "launch", "takes"]
+__all__ = ["BLOCK_K", "enabled", "gluon_can_read", "k_splits", "launch", "takes", "workspace"]
 
 #: Codes of every row a program step covers.
 BLOCK_K = 128
@@ -68,18 +68,25 @@ def enabled() -> bool:
 def takes(x2: torch.Tensor, bits: int, group_size: int, in_features: int) -> bool:
     """Whether :func:`launch` runs this product (see the module docstring); elsewhere the Triton
     tensor-core kernel runs it."""
-    if not enabled():
-        return False
-    m, k = x2.shape
-    if not (x2.is_cuda and x2.dtype == torch.float16 and 1 <= m <= 16 and bits in (2, 3, 4, 8)):
-        return False
-    if k % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+    if not (gluon_can_read(x2) and x2.shape[0] <= 16 and bits in (2, 3, 4, 8)):
         return False
     if group_size < in_features and group_size % 32:
         return False
-    if torch.cuda.get_device_capability(x2.device) < (8, 0):
-        return False
     return _gluon() is not None
+
+
+def gluon_can_read(x2: torch.Tensor) -> bool:
+    """What both Gluon kernels (this one and ``_skinny``) need of the activations and the device:
+    on, CUDA of compute capability 8.0 or newer, float16 read as int32 pairs (even K and row
+    stride, 4-byte aligned), at least one row."""
+    if not enabled():
+        return False
+    m, k = x2.shape
+    if not (x2.is_cuda and x2.dtype == torch.float16 and m >= 1):
+        return False
+    if k % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+        return False
+    return torch.cuda.get_device_capability(x2.device) >= (8, 0)
 
 
 _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
@@ -87,7 +94,7 @@ _WORKSPACES: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 _RETIRED: list[tuple[torch.Tensor, torch.Tensor]] = []
 
 
-def _workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+def workspace(device: torch.device, floats: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Partial sums and arrival counters shared by this stream's launches (which run one after
     another). The counters start at zero and every launch leaves them there. A workspace first
     needed during CUDA-graph capture is allocated in the graph's pool and zeroed by a captured
@@ -129,7 +136,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     k_pad, k_steps, per_split, split_k = k_splits(qweight, bits, split_k)
     tiles = -(-n // block_n)
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)
-    ws, cnt = _workspace(x2.device, split_k * 16 * n if split_k > 1 else 0, tiles)
+    ws, cnt = workspace(x2.device, split_k * 16 * n if split_k > 1 else 0, tiles)
     kern.few_rows_kernel[(tiles, split_k)](
         x2, qweight, scales, qzeros, bias if bias is not None else y, y, ws, cnt,
         m, n, k, g, x2.stride(0), y.stride(0), qweight.shape[1], qzeros.shape[1], k_steps, per_split, split_k,

@@ -67,6 +67,15 @@ def _unit_zero(zw, grp, L: gl.constexpr):
 
 
 @gluon.jit
+def _zero_of_word(zw, grp, BITS: gl.constexpr):
+    """Zero ``grp`` from its packed word ``zw`` at 2, 4 or 8 bits (its slot as the codes', ``_format``)."""
+    P: gl.constexpr = 32 // BITS
+    c = grp % P
+    slot = c // 2 + (c % 2) * (P // 2)
+    return (zw >> (slot * BITS)) & ((1 << BITS) - 1)
+
+
+@gluon.jit
 def _zero_of_unit(z0, z1, z2, grp):
     """Zero ``grp % 32`` of the 3-bit unit held by the words ``z0, z1, z2`` (see ``_unit_zero``)."""
     r = grp % 32
@@ -89,14 +98,11 @@ def _activations(x_ptr, x_off, x_mask_m, xk, K, i, MASK_K: gl.constexpr):
 @gluon.jit
 def _step(acc, words, s, zw, grp, xv, shift, LW: gl.constexpr, LX3: gl.constexpr, DA: gl.constexpr,
           DB: gl.constexpr, BITS: gl.constexpr, BLOCK_N: gl.constexpr):
-    P: gl.constexpr = 32 // BITS
     L2W: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, LW))  # [BN, 4] at 3 bits
     if BITS == 3:
         z = _unit_zero(zw, grp, L2W)
     else:
-        c = grp % P  # the zero's slot in its word, as the codes' (``_format``)
-        slot = c // 2 + (c % 2) * (P // 2)
-        z = (zw >> (slot * BITS)) & ((1 << BITS) - 1)
+        z = _zero_of_word(zw, grp, BITS)
     zz = (z | 0x6400) * 65537  # (1024 + z) twice, as float16 bits
     ss = (s.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF) * 65537
     if BITS == 3:

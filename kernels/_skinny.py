@@ -1,10 +1,9 @@
 """Tensor-core products of 1-8 activation rows with packed 2-, 3- or 4-bit weights, in Gluon.
 
-Why: at one row the Triton GEMVs (``gemv_h2``) spend 2.85-3.6 instructions a code (kernels/NOTES.md
-run 14), so 2- and 3-bit layers are bound by issue, not by the bytes they read. Here the *weights*
-are the A operand of ``mma.sync.m16n8k16`` (16 weight rows by 16 codes) and the activations the B
-operand (up to 8 tokens as its columns), so one MMA takes 256 codes and the dequantization is only
-what feeds it:
+Why: ``_few_rows`` puts the activations in the 16-row A operand of ``mma.sync.m16n8k16``, so at
+2-8 rows most of that operand is padding and each warp re-reads them for only 32 weight rows. Here
+the *weights* are the A operand (16 weight rows by 16 codes) and the tokens B's 8 columns, so one
+MMA takes 256 codes, nothing is padding, and the dequantization is only what feeds it:
 
 - one ``lop3`` a code pair: ``(w & mask_o) | magic_o`` puts the field that sits at bit ``o`` of
   each half-word under the float16 exponent whose unit in the last place is that bit, which reads
@@ -66,23 +65,16 @@ def _gluon():
 
 def takes(x2: torch.Tensor, bits: int, group_size: int, in_features: int) -> bool:
     """Whether :func:`launch` runs this product (see the module docstring)."""
-    if not _few_rows.enabled():
-        return False
-    m, k = x2.shape
-    if not (x2.is_cuda and x2.dtype == torch.float16 and 1 <= m <= MAX_ROWS and bits in (2, 3, 4)):
-        return False
-    if k % 2 or x2.stride(0) % 2 or x2.data_ptr() % 4:
+    if not (_few_rows.gluon_can_read(x2) and x2.shape[0] <= MAX_ROWS and bits in (2, 3, 4)):
         return False
     if group_size < in_features and group_size % BLOCK_K:
-        return False
-    if torch.cuda.get_device_capability(x2.device) < (8, 0):
         return False
     return _gluon() is not None
 
 
 def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
            bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, row_tiles: int,
-           split_k: int, num_warps: int, depth: int = 2) -> torch.Tensor:
+           split_k: int, num_warps: int, depth: int) -> torch.Tensor:
     """``x2 [M, K] @ W_hat.T (+ bias)`` as float16 ``[M, N]``; the caller checked :func:`takes`.
 
     A program takes ``16 * row_tiles * num_warps`` weight rows (``row_tiles`` 1, 2 or 4), K split
@@ -95,7 +87,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     rows = 16 * row_tiles * num_warps
     tiles = -(-n // rows)
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)
-    ws, cnt = _few_rows._workspace(x2.device, split_k * MAX_ROWS * n if split_k > 1 else 0, tiles)
+    ws, cnt = _few_rows.workspace(x2.device, split_k * MAX_ROWS * n if split_k > 1 else 0, tiles)
     kern.skinny_kernel[(tiles, split_k)](
         x2, qweight, scales, qzeros, bias if bias is not None else y, y, ws, cnt,
         m, n, k, g, x2.stride(0), y.stride(0), qweight.shape[1], qzeros.shape[1], k_steps, per_split, split_k,

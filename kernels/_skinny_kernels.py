@@ -11,7 +11,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
-from ._few_rows_kernels import _activations, _zero_of_unit
+from ._few_rows_kernels import _activations, _zero_of_unit, _zero_of_word
 
 # renamed to ``barrier`` after Triton 3.6
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -84,10 +84,7 @@ def _zero(zw, grp, BITS: gl.constexpr):
         z0, z1, z2 = zw
         return _zero_of_unit(z0, z1, z2, grp)
     else:
-        P: gl.constexpr = 32 // BITS
-        c = grp % P
-        slot = c // 2 + (c % 2) * (P // 2)
-        return (zw >> (slot * BITS)) & ((1 << BITS) - 1)
+        return _zero_of_word(zw, grp, BITS)
 
 
 @gluon.jit

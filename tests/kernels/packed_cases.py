@@ -67,3 +67,24 @@ def assert_in_bounds(results: dict) -> None:
     if isinstance(results["bounds"], str):
         pytest.skip(results["bounds"])
     assert results["bounds"] == [], f"kernels touched memory outside their tensors: {results['bounds']}"
+
+
+def compile_gluon_sm90(fn, consts: dict, num_warps: int):
+    """A packed-matmul Gluon kernel (``_few_rows`` or ``_skinny``: the same arguments but their
+    constexprs ``consts``) compiled for an H100 (sm_90) without a GPU; skips where this Triton has
+    no Gluon."""
+    import pytest
+
+    pytest.importorskip("triton.experimental.gluon")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    ints = ("M", "N", "K", "G", "stride_xm", "stride_ym", "ROW_WORDS", "ZROW_WORDS", "K_STEPS", "STEPS_PER_SPLIT",
+            "SPLIT_K")
+    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": "*fp16",
+           "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{name: "i32" for name in ints}}
+    sig.update({name: "constexpr" for name in consts})
+    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
+                         attrs={})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hpsearch.kernels import KernelConfig, choose_config, matmul_reference, pack, packed_matmul
-from packed_cases import random_qsz, rel_err
+from packed_cases import compile_gluon_sm90, random_qsz, rel_err
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,23 +24,11 @@ def few_rows_on(monkeypatch):
 def _compile_sm90(bits: int, prefetch: int):
     """The kernel compiled for sm_90 with a 128-column tile of 4 warps."""
     pytest.importorskip("triton.experimental.gluon")
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from hpsearch.kernels import _few_rows_kernels
 
-    fn = _few_rows_kernels.few_rows_kernel
-    ints = ("M", "N", "K", "G", "stride_xm", "stride_ym", "ROW_WORDS", "ZROW_WORDS", "K_STEPS", "STEPS_PER_SPLIT",
-            "SPLIT_K")
-    sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": "*fp16",
-           "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{name: "i32" for name in ints}}
     consts = {"BITS": bits, "GROUP": 128, "BLOCK_N": 128, "NW": 4, "MASK_K": True, "HAS_BIAS": True,
               "PREFETCH": prefetch}
-    sig.update({name: "constexpr" for name in consts})
-    src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
-                         attrs={})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return compile_gluon_sm90(_few_rows_kernels.few_rows_kernel, consts, 4)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
