@@ -29,6 +29,14 @@ On by default; ``HPSEARCH_FEW_ROWS=0`` sends these products to the Triton tensor
 kernels, faulting only where the tensor ended at unmapped memory, which this kernel's workspace
 happened to bring about (run 34; found by compute-sanitizer with each tensor its own allocation).
 
+The activations: every warp needs all 16 rows of each step. Read by each warp each step (4 KB a
+step, lanes ``t`` 64 bytes apart, so sectors half used) they were ~80% of the kernel's L1 work
+(run 35). With ``x_shared`` a program copies its K range's activations (``cp.async``, at most
+``MAX_SHARED_STEPS`` steps) to shared memory once, behind one barrier while its first weights are
+in flight, swizzled so that the per-step reads hit 32 distinct banks; the registers this frees
+let two or four steps of weights be in flight (kernels/NOTES.md run 38: 5-29% faster at 16 rows
+on Llama-7B shapes).
+
 Requirements (``takes``): on, CUDA of compute capability 8.0 or newer, float16 activations read as int32
 pairs (even K and row stride, 4-byte aligned), 2, 3, 4 or 8 bits, groups of a multiple of 32 codes (or
 one group a row), at most 16 rows. Elsewhere ``_launch`` uses the Triton tensor-core kernel.
@@ -41,10 +49,13 @@ import os
 
 import torch
 
-__all__ = ["BLOCK_K", "enabled", "gluon_can_read", "k_splits", "launch", "takes", "workspace"]
+__all__ = ["BLOCK_K", "MAX_SHARED_STEPS", "enabled", "gluon_can_read", "k_splits", "launch", "takes", "workspace"]
 
 #: Codes of every row a program step covers.
 BLOCK_K = 128
+#: Most steps of a K split whose activations a program copies to shared memory (``x_shared``): 16
+#: rows x 128 codes x 2 bytes a step, so 64 KB, three programs an SM.
+MAX_SHARED_STEPS = 16
 
 
 @functools.cache
@@ -125,11 +136,14 @@ def k_splits(qweight: torch.Tensor, bits: int, split_k: int) -> tuple[int, int, 
 
 def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
            bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, block_n: int,
-           split_k: int, num_warps: int, prefetch: int) -> torch.Tensor:
+           split_k: int, num_warps: int, prefetch: int, x_shared: bool = False) -> torch.Tensor:
     """``x2 [M, K] @ W_hat.T (+ bias)`` as float16 ``[M, N]``; the caller checked :func:`takes`.
 
     ``block_n`` output columns a program (a multiple of ``8 * num_warps``), K split ``split_k`` ways,
-    ``prefetch`` steps of weights in flight ahead of the arithmetic (1 or 2)."""
+    ``prefetch`` steps of weights in flight ahead of the arithmetic (1 or 2; 1, 2 or 4 with
+    ``x_shared``). ``x_shared``: each program copies its K range's activations to shared memory
+    once, if a split is at most ``MAX_SHARED_STEPS`` steps; otherwise every warp reads them every
+    step (and a prefetch of 4 runs as 2)."""
     kern = _gluon()
     m, k = x2.shape
     n, g = scales.shape
@@ -137,9 +151,13 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     tiles = -(-n // block_n)
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)
     ws, cnt = workspace(x2.device, split_k * 16 * n if split_k > 1 else 0, tiles)
+    shared = x_shared and per_split <= MAX_SHARED_STEPS
+    if not shared:
+        prefetch = min(prefetch, 2)
     kern.few_rows_kernel[(tiles, split_k)](
         x2, qweight, scales, qzeros, bias if bias is not None else y, y, ws, cnt,
         m, n, k, g, x2.stride(0), y.stride(0), qweight.shape[1], qzeros.shape[1], k_steps, per_split, split_k,
         BITS=bits, GROUP=1 << 30 if group_size >= in_features else group_size, BLOCK_N=block_n,
-        NW=num_warps, MASK_K=k != k_pad, HAS_BIAS=bias is not None, PREFETCH=prefetch, num_warps=num_warps)
+        NW=num_warps, MASK_K=k != k_pad, HAS_BIAS=bias is not None, PREFETCH=prefetch,
+        XSTEPS=per_split if shared else 0, num_warps=num_warps)
     return y

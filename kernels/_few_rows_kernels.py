@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 # renamed to ``barrier`` after Triton 3.6
 _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+# ``cp.async`` to shared memory: renamed ``async_load`` after Triton 3.6
+_async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 
 @gluon.constexpr_function
@@ -146,10 +148,40 @@ def _step(acc, words, s, zw, grp, xv, shift, LW: gl.constexpr, LX3: gl.constexpr
 
 
 @gluon.jit
+def _x_from_shared(xs, j, NW: gl.constexpr, LX: gl.constexpr):
+    """Step ``j`` (of the program's) activations [16, 64] from the shared copy (see ``_x_to_shared``)."""
+    L32: gl.constexpr = gl.BlockedLayout([1, 16], [16, 2], [1, NW], [1, 0])
+    v = xs.index(j).load(L32)
+    return gl.convert_layout(gl.reshape(v, [16, 64]), LX, assert_trivial=True)
+
+
+@gluon.jit
+def _x_to_shared(x_ptr, stride_xm, M, K, i0, i1, XSTEPS: gl.constexpr, NW: gl.constexpr, MASK_K: gl.constexpr):
+    """The program's activations, steps ``i0 .. i1 - 1`` as int32 pairs, into shared memory, once:
+    step ``j`` is a [32, 32] tile whose row ``2 m + h`` holds token ``m``'s pairs ``32 h ..`` of the
+    step, swizzled so that the per-step reads (lanes ``t`` 64 bytes apart) hit distinct banks."""
+    SX: gl.constexpr = gl.SwizzledSharedLayout(4, 1, 8, [1, 0])
+    xs = gl.allocate_shared_memory(gl.int32, [XSTEPS, 32, 32], SX)
+    LC: gl.constexpr = gl.BlockedLayout([1, 4], [4, 8], [NW, 1], [1, 0])
+    rr = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(1, LC)), 1)
+    cc = gl.expand_dims(gl.arange(0, 32, layout=gl.SliceLayout(0, LC)), 0)
+    tok = rr // 2
+    at = x_ptr + tok * (stride_xm // 2) + 32 * (rr % 2) + cc
+    for j in gl.static_range(XSTEPS):
+        mask = (tok < M) & (i0 + j < i1)
+        if MASK_K:
+            mask = mask & ((i0 + j) * 128 + 2 * (32 * (rr % 2) + cc) < K)
+        _async_load(xs.index(j), at + (i0 + j) * 64, mask=mask)
+    async_copy.commit_group()
+    return xs
+
+
+@gluon.jit
 def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, K, G, stride_xm, stride_ym, ROW_WORDS, ZROW_WORDS, K_STEPS, STEPS_PER_SPLIT, SPLIT_K,
                     BITS: gl.constexpr, GROUP: gl.constexpr, BLOCK_N: gl.constexpr, NW: gl.constexpr,
-                    MASK_K: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr):
+                    MASK_K: gl.constexpr, HAS_BIAS: gl.constexpr, PREFETCH: gl.constexpr,
+                    XSTEPS: gl.constexpr = 0):
     WPT: gl.constexpr = BITS  # words a thread loads a step
     PPW: gl.constexpr = 16 // BITS  # code pairs a word holds
     if BITS == 3:
@@ -198,7 +230,55 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     x_mask_m = gl.expand_dims(xm < M, 1)
 
     acc = gl.zeros([16, BLOCK_N], gl.float32, MMA)
-    if PREFETCH == 1:
+    if XSTEPS > 0:
+        # activations read once a program, not once a warp and step (run 35's L1 traffic; run 38)
+        xs = _x_to_shared(x_ptr, stride_xm, M, K, i0, i1, XSTEPS, NW, MASK_K)
+        # PREFETCH steps of weights computed while the next PREFETCH are in flight (registers the
+        # activations no longer take)
+        wa, sa, za, ga = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, plane, zplane, BITS, GROUP)
+        wb, sb, zb, gb = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 1, i1 - 1),
+                                  plane, zplane, BITS, GROUP)
+        wc, sc, zc, gc = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 2, i1 - 1),
+                                  plane, zplane, BITS, GROUP)
+        wd, sd, zd, gd = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 3, i1 - 1),
+                                  plane, zplane, BITS, GROUP)
+        async_copy.wait_group(0)
+        _cta_barrier()
+        for i in range(i0, i1, PREFETCH):
+            we, se, ze, ge = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G,
+                                      gl.minimum(i + PREFETCH, i1 - 1), plane, zplane, BITS, GROUP)
+            if PREFETCH >= 2:
+                wf, sf, zf, gf = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G,
+                                          gl.minimum(i + PREFETCH + 1, i1 - 1), plane, zplane, BITS, GROUP)
+            if PREFETCH == 4:
+                wg, sg, zg, gg = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G,
+                                          gl.minimum(i + 6, i1 - 1), plane, zplane, BITS, GROUP)
+                wh, sh, zh, gh = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G,
+                                          gl.minimum(i + 7, i1 - 1), plane, zplane, BITS, GROUP)
+            acc = _step(acc, wa, sa, za, ga, _x_from_shared(xs, i - i0, NW, LX), shift, LW, LX3, DA, DB, BITS,
+                        BLOCK_N)
+            if PREFETCH >= 2:
+                if i + 1 < i1:
+                    acc = _step(acc, wb, sb, zb, gb, _x_from_shared(xs, i + 1 - i0, NW, LX), shift, LW, LX3, DA,
+                                DB, BITS, BLOCK_N)
+            if PREFETCH == 4:
+                if i + 2 < i1:
+                    acc = _step(acc, wc, sc, zc, gc, _x_from_shared(xs, i + 2 - i0, NW, LX), shift, LW, LX3, DA,
+                                DB, BITS, BLOCK_N)
+                if i + 3 < i1:
+                    acc = _step(acc, wd, sd, zd, gd, _x_from_shared(xs, i + 3 - i0, NW, LX), shift, LW, LX3, DA,
+                                DB, BITS, BLOCK_N)
+            if PREFETCH == 1:
+                wa, sa, za, ga = we, se, ze, ge
+            elif PREFETCH == 2:
+                wa, sa, za, ga = we, se, ze, ge
+                wb, sb, zb, gb = wf, sf, zf, gf
+            else:
+                wa, sa, za, ga = we, se, ze, ge
+                wb, sb, zb, gb = wf, sf, zf, gf
+                wc, sc, zc, gc = wg, sg, zg, gg
+                wd, sd, zd, gd = wh, sh, zh, gh
+    elif PREFETCH == 1:
         # the next step's loads go out before this step's arithmetic (the last step reloads itself)
         w, s, zw, grp = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, plane, zplane, BITS, GROUP)
         xv = _activations(x_ptr, x_off, x_mask_m, xk, K, i0, MASK_K)

@@ -38,7 +38,9 @@ class KernelConfig:
     multiple of 128, see ``_skinny``; ``block_n`` is ``16 * row tiles * num_warps`` weight rows a
     program, ``num_stages`` the steps of weights loaded together, 1, 2 or 4). Both Gluon kinds are
     off with ``HPSEARCH_FEW_ROWS=0``: products they cannot take, or all while they are off, run the
-    Triton kernels."""
+    Triton kernels. ``x_shared`` (``"mma"`` only): each program first copies the activations of its
+    K range into shared memory once, instead of every warp reading them every step; it holds when a
+    split is at most ``_few_rows.MAX_SHARED_STEPS`` steps, and ``num_stages`` may then be 1, 2 or 4."""
 
     kind: str
     block_n: int
@@ -47,6 +49,7 @@ class KernelConfig:
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 1
+    x_shared: bool = False
 
 
 def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = None,
@@ -95,14 +98,19 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
         kind = "gemv_h2" if bits <= 4 else "gemv_asm"
         return KernelConfig(kind, block_n=bn, block_k=bk, split_k=split, num_stages=stages)
     if few_rows:
-        # kernels/NOTES.md run 32: about 300 programs of 128 columns; two steps ahead when each
-        # program runs the whole K loop
-        tiles = max(1, -(-n // 128))
+        # kernels/NOTES.md run 38: the activations copied to shared memory once a program, K split
+        # into at most 12 steps a program (8-11 won on Llama shapes), 128 columns unless that
+        # leaves fewer than two programs an SM, two steps of weights ahead (one at 3 bits, whose
+        # registers would halve the programs an SM)
+        steps = max(1, -(-k // 128))
         split = 1
-        while split < 16 and tiles * split * 1.5 < 300 and k // (128 * split * 2) >= 2:
+        while steps > 12 * split and split < 16:
             split *= 2
-        return KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=split,
-                            num_stages=2 if split == 1 and tiles >= 200 else 1)
+        per_split = -(-steps // split)
+        tiles = -(-n // 128)
+        bn = 128 if tiles * split >= 264 else 64
+        return KernelConfig("mma", block_n=bn, block_k=128, block_m=16, split_k=split,
+                            num_stages=1 if bits == 3 else 2, x_shared=per_split <= _few_rows.MAX_SHARED_STEPS)
     if m <= 16:
         tiles = max(1, -(-n // 64))
         split = 1
@@ -218,7 +226,8 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     if cfg.kind == "mma":
         if _few_rows.takes(x2, bits, group_size, in_features):
             return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
-                                    cfg.split_k, cfg.num_warps, cfg.num_stages)  # float16, as x2 (takes)
+                                    cfg.split_k, cfg.num_warps, cfg.num_stages,
+                                    cfg.x_shared)  # float16, as x2 (takes)
         cfg = choose_config(m, n, k_pad, bits, few_rows=False)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")

@@ -5,7 +5,7 @@ one-row entries for 2-4 bits from run 14 (``gemv_h2``, 3-bit units), 8 bits from
 bits from run 8 (tensor cores over tiles of several groups), other bits from run 4 (``kernels/NOTES.md``);
 keyed ``"{M bucket}:{K}x{N}:{bits}"`` (bucket 1: one row; 16: two to sixteen rows; ``mma16``: two to
 sixteen rows on the Gluon kernel of ``_few_rows``, run 35 of session 10, unless it is turned off; ``gl4`` / ``gl8``: two to four /
-five to eight rows, either Gluon kernel, run 37 of session 11). Shapes not listed
+five to eight rows, either Gluon kernel, run 37 of session 11; ``x_shared`` entries run 38 of session 12). Shapes not listed
 fall back to the rule in :func:`._launch.choose_config`.
 """
 
@@ -63,31 +63,33 @@ H100: dict[str, dict] = {
     "gl8:8192x28672:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
         "split_k": 1, "num_warps": 4, "num_stages": 2},
     # run 35 (session 10): the Gluon kernel of _few_rows (3 bits added), used unless HPSEARCH_FEW_ROWS=0
-    # (python -m hpsearch.bench kernels --m 16 --bits 3,4,2 --sweep --kinds mma --tuning-out tuned16.json)
+    # (python -m hpsearch.bench kernels --m 16 --bits 3,4,2 --sweep --kinds mma --tuning-out tuned16.json);
+    # the "x_shared" entries are run 38's (session 12), where activations copied to shared memory once a
+    # program beat run 35's tile in the same process (.whl/scripts/xs_gpu.py; the two others kept)
     "mma16:11008x4096:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 8, "num_warps": 4, "num_stages": 1},
+        "split_k": 8, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "mma16:11008x4096:3": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
         "split_k": 8, "num_warps": 4, "num_stages": 1},
     "mma16:11008x4096:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 8, "num_warps": 4, "num_stages": 2},
+        "split_k": 8, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "mma16:4096x11008:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 1},
+        "split_k": 4, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "mma16:4096x11008:3": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 1},
+        "split_k": 4, "num_warps": 4, "num_stages": 1, "x_shared": True},
     "mma16:4096x11008:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 1},
-    "mma16:4096x4096:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 2},
+        "split_k": 4, "num_warps": 4, "num_stages": 1, "x_shared": True},
+    "mma16:4096x4096:2": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
+        "split_k": 4, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "mma16:4096x4096:3": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 1},
-    "mma16:4096x4096:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
-        "split_k": 4, "num_warps": 4, "num_stages": 2},
-    "mma16:8192x28672:2": {"kind": "mma", "block_n": 256, "block_k": 128, "block_m": 16,
-        "split_k": 2, "num_warps": 4, "num_stages": 1},
+        "split_k": 4, "num_warps": 4, "num_stages": 2, "x_shared": True},
+    "mma16:4096x4096:4": {"kind": "mma", "block_n": 64, "block_k": 128, "block_m": 16,
+        "split_k": 4, "num_warps": 4, "num_stages": 2, "x_shared": True},
+    "mma16:8192x28672:2": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
+        "split_k": 8, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "mma16:8192x28672:3": {"kind": "mma", "block_n": 256, "block_k": 128, "block_m": 16,
         "split_k": 2, "num_warps": 4, "num_stages": 1},
-    "mma16:8192x28672:4": {"kind": "mma", "block_n": 256, "block_k": 128, "block_m": 16,
-        "split_k": 1, "num_warps": 8, "num_stages": 2},
+    "mma16:8192x28672:4": {"kind": "mma", "block_n": 128, "block_k": 128, "block_m": 16,
+        "split_k": 8, "num_warps": 4, "num_stages": 2, "x_shared": True},
     "16:11008x4096:2": {"kind": "dot", "block_n": 64, "block_k": 128, "block_m": 16,
         "split_k": 8, "num_warps": 4, "num_stages": 3},
     "16:11008x4096:3": {"kind": "dot", "block_n": 64, "block_k": 128, "block_m": 16,

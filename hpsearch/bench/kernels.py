@@ -13,8 +13,12 @@ graphs remove launch gaps, as in a decode step under CUDA graphs.
 
 A row is ``K, N, M, bits, kernel, fp16_us, packed_us, speedup, limit, config``: ``limit`` is the
 speedup that bytes moved allow (float16 weight + activations over packed storage + activations),
-``config`` the tiles timed (``kind:n..k..``; an ``mma`` or ``skinny`` config the product cannot take runs
-the Triton kernels).
+``floor_us`` the measured memory floor of the packed layer (:mod:`.memory_floor`: the fastest plain
+read of its bytes in the same harness; ``--no-floor`` skips it), ``floor_speedup`` = ``fp16_us /
+floor_us`` the speed-up a kernel that only read its bytes would have, ``fp16_floor_us`` the floor of
+the float16 weight (what cuBLAS competes with),
+``config`` the tiles timed (``kind:n..k..``, ending in ``x`` where the activations go through shared
+memory; an ``mma`` or ``skinny`` config the product cannot take runs the Triton kernels).
 ``--sweep`` also times every tile configuration of :func:`sweep_configs` and reports the best per
 row; ``--tuning-out PATH`` writes them as the table :func:`hpsearch.kernels.choose_config`
 reads (``HPSEARCH_KERNEL_TUNING=PATH``, or ``kernels/_tuned.py`` once copied there); ``--jobs``
@@ -102,6 +106,13 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                     for ahead in (1, 2):
                         out.append(KernelConfig("mma", block_n=bn, block_k=128, block_m=16, split_k=sk, num_warps=nw,
                                                 num_stages=ahead))
+            if bits != 8:  # the activations copied to shared memory once a program (run 38)
+                steps = -(-k // 128)
+                for bn, sk, ahead in ((128, 4, 1), (128, 4, 2), (64, 4, 2), (64, 4, 4), (128, 8, 2), (64, 8, 4),
+                                      (128, 16, 2), (64, 16, 4)):
+                    if -(-steps // sk) <= 16:  # _few_rows.MAX_SHARED_STEPS
+                        out.append(KernelConfig("mma", block_n=bn, block_k=128, block_m=16, split_k=sk,
+                                                num_stages=ahead, x_shared=True))
     else:
         for bn, bm, nw in ((128, 64, 4), (128, 128, 8), (64, 128, 4)):
             out.append(KernelConfig("dot", block_n=bn, block_k=128 if bits < 8 else 64, block_m=bm,
@@ -117,7 +128,8 @@ def _few_rows_enabled() -> bool:
 
 
 def _cfg_str(c) -> str:
-    return f"{c.kind}:n{c.block_n}k{c.block_k}m{c.block_m}s{c.split_k}w{c.num_warps}p{c.num_stages}"
+    return (f"{c.kind}:n{c.block_n}k{c.block_k}m{c.block_m}s{c.split_k}w{c.num_warps}p{c.num_stages}"
+            + ("x" if c.x_shared else ""))
 
 
 def time_us(calls: list, replays: int = 7) -> float:
@@ -220,6 +232,7 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1))
     p.add_argument("--replays", type=int, default=7)
     p.add_argument("--kinds", default=None, help="with --sweep: only these kernel kinds, e.g. gemv_asm,gemv_words")
+    p.add_argument("--no-floor", action="store_true", help="skip the memory floor (a plain read of the bytes)")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
@@ -240,6 +253,15 @@ def run(args: list[str]) -> dict[str, Any]:
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows: list[dict[str, Any]] = []
     tuning: dict[str, dict] = {}
+    floors: dict[int, float] = {}
+
+    def floor(nbytes: int) -> float:  # bytes -> measured floor, us (the same bytes recur across M)
+        if nbytes not in floors:
+            from .memory_floor import floor_us
+
+            floors[nbytes] = floor_us(nbytes, a.replays)[0]
+        return floors[nbytes]
+
     for k, n in shapes:
         fp16_w = [torch.randn(n, k, device="cuda", dtype=torch.float16, generator=gen)
                   for _ in range(_copies(n * k * 2))]
@@ -265,6 +287,10 @@ def run(args: list[str]) -> dict[str, Any]:
                 row = {"K": k, "N": n, "M": m, "bits": bits, "kernel": "hpsearch", "fp16_us": round(fp16_us, 2),
                        "packed_us": round(best[0], 2), "speedup": round(fp16_us / best[0], 2),
                        "limit": round(limit, 2), "config": _cfg_str(best[1])}
+                if not a.no_floor:
+                    fl = floor(ws[0].nbytes())
+                    row.update(floor_us=round(fl, 2), floor_speedup=round(fp16_us / fl, 2),
+                               fp16_floor_us=round(floor(n * k * 2), 2))
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:  # choose_config's key for it
@@ -295,4 +321,5 @@ def run(args: list[str]) -> dict[str, Any]:
         with open(a.tuning_out, "w") as f:
             json.dump(tuning, f, indent=1, sort_keys=True)
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "floor": None if a.no_floor else "fastest plain read of the bytes, same harness (memory_floor)",
             "triton": __import__("triton").__version__, "group_size": g, "rows": rows}

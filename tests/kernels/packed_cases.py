@@ -69,10 +69,11 @@ def assert_in_bounds(results: dict) -> None:
     assert results["bounds"] == [], f"kernels touched memory outside their tensors: {results['bounds']}"
 
 
-def compile_gluon_sm90(fn, consts: dict, num_warps: int):
+def compile_gluon_sm90(fn, consts: dict, num_warps: int, aligned: bool = False):
     """A packed-matmul Gluon kernel (``_few_rows`` or ``_skinny``: the same arguments but their
     constexprs ``consts``) compiled for an H100 (sm_90) without a GPU; skips where this Triton has
-    no Gluon."""
+    no Gluon. ``aligned``: as Triton's launcher specializes it for 16-byte aligned pointers and
+    sizes and strides that are multiples of 16 (the shapes it is timed on)."""
     import pytest
 
     pytest.importorskip("triton.experimental.gluon")
@@ -85,6 +86,11 @@ def compile_gluon_sm90(fn, consts: dict, num_warps: int):
     sig = {"x_ptr": "*fp16", "qw_ptr": "*i32", "s_ptr": "*fp16", "qz_ptr": "*i32", "b_ptr": "*fp16",
            "y_ptr": "*fp16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", **{name: "i32" for name in ints}}
     sig.update({name: "constexpr" for name in consts})
+    attrs = {}
+    if aligned:
+        attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]]
+                 for a in ("x_ptr", "qw_ptr", "s_ptr", "qz_ptr", "b_ptr", "y_ptr", "ws_ptr", "cnt_ptr", "N", "K",
+                           "stride_xm", "stride_ym", "ROW_WORDS")}
     src = GluonASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()},
-                         attrs={})
+                         attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
