@@ -236,12 +236,14 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
         # PREFETCH steps of weights computed while the next PREFETCH are in flight (registers the
         # activations no longer take)
         wa, sa, za, ga = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, i0, plane, zplane, BITS, GROUP)
-        wb, sb, zb, gb = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 1, i1 - 1),
-                                  plane, zplane, BITS, GROUP)
-        wc, sc, zc, gc = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 2, i1 - 1),
-                                  plane, zplane, BITS, GROUP)
-        wd, sd, zd, gd = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 3, i1 - 1),
-                                  plane, zplane, BITS, GROUP)
+        if PREFETCH >= 2:
+            wb, sb, zb, gb = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 1, i1 - 1),
+                                      plane, zplane, BITS, GROUP)
+        if PREFETCH == 4:
+            wc, sc, zc, gc = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 2, i1 - 1),
+                                      plane, zplane, BITS, GROUP)
+            wd, sd, zd, gd = _weights(qw_ptr, s_ptr, qz_ptr, w_off, srow, zrow, tids, G, gl.minimum(i0 + 3, i1 - 1),
+                                      plane, zplane, BITS, GROUP)
         async_copy.wait_group(0)
         _cta_barrier()
         for i in range(i0, i1, PREFETCH):
@@ -268,14 +270,10 @@ def few_rows_kernel(x_ptr, qw_ptr, s_ptr, qz_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
                 if i + 3 < i1:
                     acc = _step(acc, wd, sd, zd, gd, _x_from_shared(xs, i + 3 - i0, NW, LX), shift, LW, LX3, DA,
                                 DB, BITS, BLOCK_N)
-            if PREFETCH == 1:
-                wa, sa, za, ga = we, se, ze, ge
-            elif PREFETCH == 2:
-                wa, sa, za, ga = we, se, ze, ge
+            wa, sa, za, ga = we, se, ze, ge
+            if PREFETCH >= 2:
                 wb, sb, zb, gb = wf, sf, zf, gf
-            else:
-                wa, sa, za, ga = we, se, ze, ge
-                wb, sb, zb, gb = wf, sf, zf, gf
+            if PREFETCH == 4:
                 wc, sc, zc, gc = wg, sg, zg, gg
                 wd, sd, zd, gd = wh, sh, zh, gh
     elif PREFETCH == 1:
