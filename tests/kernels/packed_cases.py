@@ -41,6 +41,27 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y - ref).norm() / ref.norm())
 
 
+def assert_replays_match(cfg, bits: int, rows: int) -> None:
+    """Two packed layers (1000 and 3000 x 4096, ``bits``, groups of 128) run with ``cfg`` on
+    ``rows`` activation rows inside one captured CUDA graph: every replay, after new activations
+    are copied in, equals the reference (the split-K workspace and arrival counters are reused by
+    every launch and every replay)."""
+    from hpsearch.kernels import matmul_reference, pack, packed_matmul
+
+    ws = [pack(*random_qsz(n, 4096, 128, bits, seed=n, device="cuda"), bits, 128) for n in (1000, 3000)]
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.float16)
+    for w in ws:  # warm-up: compiles, sizes the workspace
+        packed_matmul(x, w, config=cfg)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ys = [packed_matmul(x, w, config=cfg) for w in ws]
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        for y, w in zip(ys, ws):
+            assert rel_err(y, matmul_reference(x, w)) < 2e-3
+
+
 def interpreted(script: str, timeout: int = 900) -> dict:
     """Run ``tests/kernels/<script>`` in a child process under ``TRITON_INTERPRET=1`` (the
     interpreter is chosen when triton first compiles, so this process's triton is left as it is)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hpsearch.kernels import KernelConfig, choose_config, matmul_reference, pack, packed_matmul
-from packed_cases import compile_gluon_sm90, random_qsz, rel_err
+from packed_cases import assert_replays_match, compile_gluon_sm90, random_qsz, rel_err
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -78,8 +78,6 @@ def test_on_by_default_and_off_with_0(monkeypatch):
 
 
 def test_a_bad_switch_is_refused(monkeypatch):
-    from hpsearch.kernels import _few_rows
-
     monkeypatch.setenv("HPSEARCH_FEW_ROWS", "yes")
     with pytest.raises(ValueError, match="HPSEARCH_FEW_ROWS must be 0 .* got 'yes'"):
         choose_config(16, 11008, 4096, 4)
@@ -131,22 +129,10 @@ def test_matches_reference(bits, n, k, g, m, few_rows_on):
 @gpu
 @pytest.mark.parametrize("shared", [False, True])
 def test_split_k_under_cuda_graph_replay(shared, few_rows_on):
-    """The workspace and arrival counters are reused by every launch and every replay; with
-    ``x_shared`` each replay copies the new activations."""
-    ws = [pack(*random_qsz(n, 4096, 128, 4, seed=n, device="cuda"), 4, 128) for n in (1000, 3000)]
+    """With ``x_shared`` each replay copies the new activations to shared memory."""
     cfg = KernelConfig("mma", block_n=128, block_k=128, block_m=16, split_k=4, num_stages=2 if shared else 1,
                        x_shared=shared)
-    x = torch.randn(16, 4096, device="cuda", dtype=torch.float16)
-    for w in ws:  # warm-up: compiles, sizes the workspace
-        packed_matmul(x, w, config=cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ys = [packed_matmul(x, w, config=cfg) for w in ws]
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        for y, w in zip(ys, ws):
-            assert rel_err(y, matmul_reference(x, w)) < 2e-3
+    assert_replays_match(cfg, bits=4, rows=16)
 
 
 @pytest.mark.gpu

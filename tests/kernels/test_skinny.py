@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hpsearch.kernels import KernelConfig, choose_config, matmul_reference, pack, packed_matmul
-from packed_cases import compile_gluon_sm90, random_qsz, rel_err
+from packed_cases import assert_replays_match, compile_gluon_sm90, random_qsz, rel_err
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -105,16 +105,4 @@ def test_groups_it_cannot_take_fall_back(gluon_on):
 @pytest.mark.gpu
 @gpu
 def test_split_k_under_cuda_graph_replay(gluon_on):
-    ws = [pack(*random_qsz(n, 4096, 128, 2, seed=n, device="cuda"), 2, 128) for n in (1000, 3000)]
-    cfg = _cfg(2, 4, 1, 2)
-    x = torch.randn(4, 4096, device="cuda", dtype=torch.float16)
-    for w in ws:
-        packed_matmul(x, w, config=cfg)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        ys = [packed_matmul(x, w, config=cfg) for w in ws]
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        graph.replay()
-        for y, w in zip(ys, ws):
-            assert rel_err(y, matmul_reference(x, w)) < 2e-3
+    assert_replays_match(_cfg(2, 4, 1, 2), bits=2, rows=4)
