@@ -59,7 +59,7 @@ def floor_us(nbytes: int, replays: int = 7) -> tuple[float, str]:
     out = torch.empty(programs(n, TILES[0][0], TILES[0][1]), device="cuda", dtype=torch.int32)
     best = None
     for block, loads, nw in TILES:
-        us = time_us([lambda b=b: read(b, out, block, loads, nw) for b in bufs], replays)
+        us = time_us([lambda b=b, t=(block, loads, nw): read(b, out, *t) for b in bufs], replays)
         if best is None or us < best[0]:
             best = (us, f"read:b{block}l{loads}w{nw}")
     del bufs
