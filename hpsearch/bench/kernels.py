@@ -81,7 +81,11 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                                    (32, 2048, 8, 1, 1), (16, 4096, 4, 1, 1), (8, 4096, 4, 1, 1), (16, 4096, 8, 1, 1),
                                    (8, 4096, 2, 1, 1), (4, 4096, 4, 1, 1), (4, 8192, 4, 1, 1), (8, 8192, 4, 1, 1),
                                    (8, 8192, 8, 1, 1), (4, 4096, 8, 1, 1), (2, 4096, 4, 1, 1), (8, 4096, 8, 1, 1),
-                                   (16, 8192, 8, 1, 1), (4, 2048, 4, 1, 1), (2, 8192, 4, 1, 1), (4, 8192, 8, 1, 1)):
+                                   (16, 8192, 8, 1, 1), (4, 2048, 4, 1, 1), (2, 8192, 4, 1, 1), (4, 8192, 8, 1, 1),
+                                   # two-warp programs of short unpipelined tiles (run 39: the one-row kernel is
+                                   # bound by its own latency, not the memory system)
+                                   (8, 1024, 2, 1, 1), (4, 1024, 2, 1, 1), (16, 1024, 2, 1, 1), (8, 512, 2, 1, 1),
+                                   (4, 2048, 2, 1, 1), (8, 2048, 2, 1, 1), (16, 2048, 2, 1, 1), (4, 4096, 2, 1, 1)):
             out.append(KernelConfig("gemv_h2", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns))
     if m <= 8 and bits in (2, 3, 4) and _few_rows_enabled():  # weights as the MMA's A operand (``_skinny``)
         for rt, nw, sk, depth in ((2, 1, 4, 1), (2, 1, 4, 2), (1, 1, 4, 2), (1, 2, 4, 2), (2, 2, 4, 2), (2, 1, 2, 2),
@@ -233,6 +237,9 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--replays", type=int, default=7)
     p.add_argument("--kinds", default=None, help="with --sweep: only these kernel kinds, e.g. gemv_asm,gemv_words")
     p.add_argument("--no-floor", action="store_true", help="skip the memory floor (a plain read of the bytes)")
+    p.add_argument("--hot", action="store_true",
+                   help="also time fp16 and the packed kernel with one weight copy, left in the L2 (fp16_hot_us, "
+                        "packed_hot_us): a kernel as slow hot as cold is bound by its own execution, not the memory")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
@@ -268,6 +275,8 @@ def run(args: list[str]) -> dict[str, Any]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             fp16_us = time_us([lambda x=x, w=w: F.linear(x, w) for w in fp16_w], a.replays)
+            if a.hot:
+                fp16_hot_us = time_us([lambda x=x, w=fp16_w[0]: F.linear(x, w)], a.replays)
             for bits in bits_list:
                 ws = _random_packed(n, k, bits, g, _copies(n * k * bits // 8), gen)
                 limit = (n * k * 2 + (m * k + m * n) * 2) / (ws[0].nbytes() + (m * k + m * n) * 2)
@@ -291,6 +300,9 @@ def run(args: list[str]) -> dict[str, Any]:
                     fl = floor(ws[0].nbytes())
                     row.update(floor_us=round(fl, 2), floor_speedup=round(fp16_us / fl, 2),
                                fp16_floor_us=round(floor(n * k * 2), 2))
+                if a.hot:
+                    hot = time_us([lambda x=x, w=ws[0], c=best[1]: packed_matmul(x, w, config=c)], a.replays)
+                    row.update(fp16_hot_us=round(fp16_hot_us, 2), packed_hot_us=round(hot, 2))
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:  # choose_config's key for it

@@ -104,10 +104,12 @@ def _shipped_rows():
 @pytest.mark.parametrize("key", _shipped_rows())
 def test_every_shipped_tile_matches_reference(key, monkeypatch):
     """Each row of the shipped H100 table (kernels/_tuned.py), at its own shape: the tiles users get
-    (``mma16`` rows through the few-rows kernel, ``16`` rows with it turned off)."""
+    (``mma16`` rows and the ``gl4`` / ``gl8`` rows of 4 and 8 tokens through the Gluon kernels, ``16``
+    rows with them turned off)."""
     bucket, shape, bits = key.split(":")
-    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "1" if bucket.startswith("mma") else "0")
-    bucket = bucket.removeprefix("mma")
+    gluon = bucket.startswith(("mma", "gl"))
+    monkeypatch.setenv("HPSEARCH_FEW_ROWS", "1" if gluon else "0")
+    bucket = bucket.removeprefix("mma").removeprefix("gl")
     k, n = (int(v) for v in shape.split("x"))
     bits, m = int(bits), int(bucket)
     q, s, z = random_qsz(n, k, 128, bits, seed=n + k + bits, device="cuda")

@@ -1,0 +1,32 @@
+"""``python -m hpsearch.bench kernels``: its rows, the hot timings of ``--hot``, the one-row sweep grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hpsearch.bench import kernels as bench
+
+
+def test_needs_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the bench runs")
+    assert bench.run(["--hot"]) == {"error": "needs a CUDA GPU", "device": "cpu"}
+
+
+def test_one_row_sweep_takes_two_warp_tiles():
+    """Run 39 (kernels/NOTES.md): two-warp programs of short unpipelined tiles won at one row on
+    Llama shapes, so the sweep that writes the table must time them."""
+    configs = bench.sweep_configs(1, 11008, 4096, 4)
+    two_warp = [c for c in configs if c.kind == "gemv_h2" and c.num_warps == 2 and c.num_stages == 1]
+    assert {(c.block_n, c.block_k) for c in two_warp} >= {(8, 1024), (16, 1024), (8, 2048)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hot_rows():
+    out = bench.run(["--shapes", "1024x2048", "--m", "1", "--bits", "4", "--hot", "--no-floor", "--jobs", "1",
+                     "--replays", "3"])
+    row = next(r for r in out["rows"] if r["kernel"] == "hpsearch")
+    assert {"fp16_us", "packed_us", "fp16_hot_us", "packed_hot_us"} <= row.keys()
+    assert all(row[key] > 0 for key in ("fp16_hot_us", "packed_hot_us"))
+    assert "floor_us" not in row
