@@ -169,6 +169,12 @@ def time_us(calls: list, replays: int = 7) -> float:
     return statistics.median(samples)
 
 
+def _fits_l2(nbytes: int) -> bool:
+    """Whether weights of ``nbytes`` stay in this GPU's L2 between calls (with room for the rest:
+    activations, outputs), so that timing one copy over and over times them hot."""
+    return nbytes <= torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size * 3 // 4
+
+
 def _copies(nbytes: int) -> int:
     return max(1, -(-L2_DEFEAT_BYTES // max(nbytes, 1)))
 
@@ -239,7 +245,8 @@ def run(args: list[str]) -> dict[str, Any]:
     p.add_argument("--no-floor", action="store_true", help="skip the memory floor (a plain read of the bytes)")
     p.add_argument("--hot", action="store_true",
                    help="also time fp16 and the packed kernel with one weight copy, left in the L2 (fp16_hot_us, "
-                        "packed_hot_us): a kernel as slow hot as cold is bound by its own execution, not the memory")
+                        "packed_hot_us, for weights that fit in it): a kernel as slow hot as cold is bound by its "
+                        "own execution, not the memory")
     a = p.parse_args(args)
     if not torch.cuda.is_available():
         return {"error": "needs a CUDA GPU", "device": "cpu"}
@@ -275,7 +282,8 @@ def run(args: list[str]) -> dict[str, Any]:
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16, generator=gen)
             fp16_us = time_us([lambda x=x, w=w: F.linear(x, w) for w in fp16_w], a.replays)
-            if a.hot:
+            fp16_hot_us = None
+            if a.hot and _fits_l2(n * k * 2):
                 fp16_hot_us = time_us([lambda x=x, w=fp16_w[0]: F.linear(x, w)], a.replays)
             for bits in bits_list:
                 ws = _random_packed(n, k, bits, g, _copies(n * k * bits // 8), gen)
@@ -300,9 +308,11 @@ def run(args: list[str]) -> dict[str, Any]:
                     fl = floor(ws[0].nbytes())
                     row.update(floor_us=round(fl, 2), floor_speedup=round(fp16_us / fl, 2),
                                fp16_floor_us=round(floor(n * k * 2), 2))
-                if a.hot:
+                if fp16_hot_us is not None:
+                    row["fp16_hot_us"] = round(fp16_hot_us, 2)
+                if a.hot and _fits_l2(ws[0].nbytes()):
                     hot = time_us([lambda x=x, w=ws[0], c=best[1]: packed_matmul(x, w, config=c)], a.replays)
-                    row.update(fp16_hot_us=round(fp16_hot_us, 2), packed_hot_us=round(hot, 2))
+                    row["packed_hot_us"] = round(hot, 2)
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:  # choose_config's key for it
