@@ -1,9 +1,9 @@
 """Tile sizes measured best on an H100 80GB HBM3 (torch 2.11, triton 3.6), group size 128.
 
 Written from ``python -m hpsearch.bench kernels --sweep --tuning-out tuned.json`` (2026-11-22, sessions 3-4):
-one-row entries for 2-4 bits from run 14 (``gemv_h2``, 3-bit units; the two-warp entries from run 39 of session 13,
-``--m 1 --bits 2,3,4 --sweep --kinds gemv_h2``, where they beat run 14's tile by 2-7% in the same process), 8 bits
-from run 20 (``gemv_asm``); 16-row entries for 4
+one-row entries for 2-4 bits from run 14 (``gemv_h2``, 3-bit units; the one- and two-warp entries from run 39 of
+session 13, ``--m 1 --bits 2,3,4 --sweep --kinds gemv_h2``, where they beat run 14's tile in two or three sweeps, by
+1-8% in the same process), 8 bits from run 20 (``gemv_asm``); 16-row entries for 4
 bits from run 8 (tensor cores over tiles of several groups), other bits from run 4 (``kernels/NOTES.md``);
 keyed ``"{M bucket}:{K}x{N}:{bits}"`` (bucket 1: one row; 16: two to sixteen rows; ``mma16``: two to
 sixteen rows on the Gluon kernel of ``_few_rows``, run 35 of session 10, unless it is turned off; ``gl4`` / ``gl8``: two to four /
@@ -132,9 +132,9 @@ H100: dict[str, dict] = {
         "split_k": 1},
     "1:11008x4096:8": {"block_k": 1024, "block_m": 1, "block_n": 16, "kind": "gemv_asm", "num_stages": 3, "num_warps": 4,
         "split_k": 2},
-    "1:4096x11008:2": {"block_k": 2048, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 4,
+    "1:4096x11008:2": {"block_k": 2048, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 1,
         "split_k": 1},
-    "1:4096x11008:3": {"block_k": 1024, "block_m": 1, "block_n": 16, "kind": "gemv_h2", "num_stages": 1, "num_warps": 2,
+    "1:4096x11008:3": {"block_k": 1024, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 1,
         "split_k": 1},
     "1:4096x11008:4": {"block_k": 1024, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 2,
         "split_k": 1},
@@ -152,7 +152,7 @@ H100: dict[str, dict] = {
         "split_k": 1},
     "1:8192x28672:3": {"block_k": 2048, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 2,
         "split_k": 1},
-    "1:8192x28672:4": {"block_k": 4096, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 4,
+    "1:8192x28672:4": {"block_k": 2048, "block_m": 1, "block_n": 8, "kind": "gemv_h2", "num_stages": 1, "num_warps": 2,
         "split_k": 1},
     "1:8192x28672:8": {"block_k": 1024, "block_m": 1, "block_n": 8, "kind": "gemv_asm", "num_stages": 1, "num_warps": 4,
         "split_k": 1},

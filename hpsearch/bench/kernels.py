@@ -83,9 +83,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                                    (8, 8192, 8, 1, 1), (4, 4096, 8, 1, 1), (2, 4096, 4, 1, 1), (8, 4096, 8, 1, 1),
                                    (16, 8192, 8, 1, 1), (4, 2048, 4, 1, 1), (2, 8192, 4, 1, 1), (4, 8192, 8, 1, 1),
                                    # two-warp programs of short unpipelined tiles (run 39: the one-row kernel is
-                                   # bound by its own latency, not the memory system)
+                                   # bound by its own execution, not the memory system)
                                    (8, 1024, 2, 1, 1), (4, 1024, 2, 1, 1), (16, 1024, 2, 1, 1), (8, 512, 2, 1, 1),
-                                   (4, 2048, 2, 1, 1), (8, 2048, 2, 1, 1), (16, 2048, 2, 1, 1), (4, 4096, 2, 1, 1)):
+                                   (4, 2048, 2, 1, 1), (8, 2048, 2, 1, 1), (16, 2048, 2, 1, 1), (4, 4096, 2, 1, 1),
+                                   # and one-warp programs (run 39: 2 and 3 bits on 4096x11008)
+                                   (8, 1024, 1, 1, 1), (8, 2048, 1, 1, 1), (4, 1024, 1, 1, 1), (16, 1024, 1, 1, 1),
+                                   (8, 512, 1, 1, 1), (4, 2048, 1, 1, 1)):
             out.append(KernelConfig("gemv_h2", block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns))
     if m <= 8 and bits in (2, 3, 4) and _few_rows_enabled():  # weights as the MMA's A operand (``_skinny``)
         for rt, nw, sk, depth in ((2, 1, 4, 1), (2, 1, 4, 2), (1, 1, 4, 2), (1, 2, 4, 2), (2, 2, 4, 2), (2, 1, 2, 2),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hpsearch.bench import kernels as bench
 
 
@@ -13,12 +14,13 @@ def test_needs_a_gpu():
     assert bench.run(["--hot"]) == {"error": "needs a CUDA GPU", "device": "cpu"}
 
 
-def test_one_row_sweep_takes_two_warp_tiles():
-    """Run 39 (kernels/NOTES.md): two-warp programs of short unpipelined tiles won at one row on
-    Llama shapes, so the sweep that writes the table must time them."""
+def test_one_row_sweep_takes_small_programs():
+    """Run 39 (kernels/NOTES.md): one- and two-warp programs of short unpipelined tiles won at one
+    row on Llama shapes, so the sweep that writes the table must time them."""
     configs = bench.sweep_configs(1, 11008, 4096, 4)
-    two_warp = [c for c in configs if c.kind == "gemv_h2" and c.num_warps == 2 and c.num_stages == 1]
-    assert {(c.block_n, c.block_k) for c in two_warp} >= {(8, 1024), (16, 1024), (8, 2048)}
+    for warps, tiles in ((2, {(8, 1024), (16, 1024), (8, 2048)}), (1, {(8, 1024), (8, 2048)})):
+        small = [c for c in configs if c.kind == "gemv_h2" and c.num_warps == warps and c.num_stages == 1]
+        assert {(c.block_n, c.block_k) for c in small} >= tiles
 
 
 @pytest.mark.gpu
