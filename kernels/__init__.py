@@ -26,18 +26,29 @@ decode steps to it (prefill stays on SDPA). :func:`use_additive_mask` keeps SDPA
 additive mask once a forward pass rather than once a layer.
 """
 
-from ._additive_mask import use_additive_mask
-from ._attention import decode_attention, use_decode_attention
-from ._format import SUPPORTED_BITS, PackedWeight
-from ._gated import gated_reference, packed_gated_matmul
-from ._gated_mlp import fuse_gated_mlps, unfuse_gated_mlps
-from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, triton_enabled
-from ._linear import PackedLinear
-from ._pack import pack, unpack
-from ._reference import dequantize, matmul_reference
-from ._rope import packed_qkv_rope, qkv_rope_reference
-from ._rope_attention import fuse_rope_attention, unfuse_rope_attention
-from ._siblings import PackedSibling, PackedSiblings, fuse_packed_siblings
+import sys as _sys
+
+if __name__ == "kernels":
+    # This directory is hpsearch.kernels (pyproject's package-dir). It is imported as the top-level
+    # ``kernels`` only when a checkout's root is on sys.path (``python -m ...`` run there) and
+    # something asks for Hugging Face's ``kernels`` distribution, as transformers >= 5.25 does for
+    # every model (``transformers.integrations.hub_kernels``). Hand the name to that distribution.
+    from ._shadowed import load_shadowed as _load_shadowed
+
+    _sys.modules["kernels"] = _load_shadowed(__file__)
+else:
+    from ._additive_mask import use_additive_mask
+    from ._attention import decode_attention, use_decode_attention
+    from ._format import SUPPORTED_BITS, PackedWeight
+    from ._gated import gated_reference, packed_gated_matmul
+    from ._gated_mlp import fuse_gated_mlps, unfuse_gated_mlps
+    from ._launch import KernelConfig, choose_config, fingerprint, packed_matmul, triton_enabled
+    from ._linear import PackedLinear
+    from ._pack import pack, unpack
+    from ._reference import dequantize, matmul_reference
+    from ._rope import packed_qkv_rope, qkv_rope_reference
+    from ._rope_attention import fuse_rope_attention, unfuse_rope_attention
+    from ._siblings import PackedSibling, PackedSiblings, fuse_packed_siblings
 
 __all__ = [
     "SUPPORTED_BITS",
