@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import _few_rows, _skinny
+from . import _few_rows, _mma_gemv, _skinny
 from ._format import G_MULTIPLE, K_MULTIPLE, PackedWeight, padded
 from ._reference import matmul_reference
 
@@ -40,7 +40,11 @@ class KernelConfig:
     off with ``HPSEARCH_FEW_ROWS=0``: products they cannot take, or all while they are off, run the
     Triton kernels. ``x_shared`` (``"mma"`` only): each program first copies the activations of its
     K range into shared memory once, instead of every warp reading them every step; it holds when a
-    split is at most ``_few_rows.MAX_SHARED_STEPS`` steps, and ``num_stages`` may then be 1, 2 or 4."""
+    split is at most ``_few_rows.MAX_SHARED_STEPS`` steps, and ``num_stages`` may then be 1, 2 or 4.
+    ``"cuda"``: the CUDA C tensor-core kernel of ``_mma_gemv`` (1-16 rows, 2, 3, 4 and 8 bits; a block
+    takes ``block_n`` = 16 weight rows and splits K across ``num_warps`` warps, 1-16); products it
+    cannot take (or all, where it cannot be built or ``HPSEARCH_CUDA_KERNELS=0``) run the Triton
+    kernels."""
 
     kind: str
     block_n: int
@@ -53,7 +57,7 @@ class KernelConfig:
 
 
 def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = None,
-                  skinny: bool = True) -> KernelConfig:
+                  skinny: bool = True, cuda: bool | None = None) -> KernelConfig:
     """The tile sizes used for an ``[m, k] x [n, k]^T`` product at ``bits``.
 
     A measured table (``HPSEARCH_KERNEL_TUNING``: a JSON file written by
@@ -61,11 +65,17 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
     :mod:`._tuned`) wins for the shapes it holds; otherwise a rule that keeps about four programs
     per SM in flight. See ``kernels/NOTES.md`` for the measurements. ``few_rows``: whether 2-16 rows
     at 2, 3 and 4 bits may take the Gluon kernels (default: unless ``HPSEARCH_FEW_ROWS=0`` turned
-    them off); ``skinny``: whether 2-8 rows may take ``"skinny"`` among them.
+    them off); ``skinny``: whether 2-8 rows may take ``"skinny"`` among them; ``cuda``: whether 1-16
+    rows may take the CUDA kernel ``"cuda"`` (default: unless ``HPSEARCH_CUDA_KERNELS=0``; where it
+    cannot run, :func:`packed_matmul` falls back to the Triton choice).
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
     if few_rows is None:
         few_rows = _few_rows.enabled()
+    if cuda is None:
+        cuda = _mma_gemv.enabled()
+    if cuda and bucket:
+        return cuda_config(m, n, k, bits)
     few_rows = few_rows and bucket == 16 and bits in (2, 3, 4)
     if few_rows and skinny and m <= _skinny.MAX_ROWS:
         # 2-4 and 5-8 rows: either Gluon kernel, whichever measured faster (at 4 and at 8 rows)
@@ -122,6 +132,22 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
     return KernelConfig("dot", block_n=128, block_k=64, block_m=128, num_warps=8, num_stages=3)
 
 
+def cuda_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
+    """The ``"cuda"`` launch of an ``[m, k] x [n, k]^T`` product (1-16 rows): the measured table's
+    ``cu1:`` (one row) or ``cu16:`` (2-16 rows) entry, else enough warps a block that the GPU holds
+    about 4096 of them (kernels/NOTES.md run 40), no more than the product has steps of K."""
+    tuned = _tuned_table().get(f"cu{1 if m == 1 else 16}:{k}x{n}:{bits}")
+    if tuned is not None:
+        return KernelConfig(**tuned)
+    blocks = -(-n // 16)
+    steps = -(-k // _mma_gemv.step_codes(bits))
+    warps = 1
+    while warps < _mma_gemv.MAX_WARPS and blocks * warps < 4096 and 2 * warps <= steps:
+        warps *= 2
+    return KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=8 if m <= 8 else 16,
+                        num_warps=warps)
+
+
 @functools.cache
 def fingerprint() -> str:
     """A short hash of what decides how fast a packed layer runs: the format's and kernels' source,
@@ -130,10 +156,11 @@ def fingerprint() -> str:
     h = hashlib.sha256()
     here = Path(__file__).parent
     for name in ("_format.py", "_pack.py", "_triton_kernels.py", "_launch.py", "_few_rows.py", "_few_rows_kernels.py",
-                 "_skinny.py", "_skinny_kernels.py"):
+                 "_skinny.py", "_skinny_kernels.py", "_mma_gemv.py", "_mma_gemv.cu"):
         h.update((here / name).read_bytes())
     h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
     h.update(b"few-rows" if _few_rows.enabled() else b"")
+    h.update(b"cuda" if _mma_gemv.enabled() else b"")
     try:
         import triton
 
@@ -212,6 +239,13 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     per_channel = group_size >= in_features
     if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
         cfg = dataclasses.replace(cfg, kind="gemv_asm")
+    if cfg.kind == "cuda":
+        if not (gated or rope is not None) and _mma_gemv.takes(x2, bits, group_size, in_features):
+            return _mma_gemv.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features,
+                                    cfg.num_warps).to(x2.dtype)
+        cfg = choose_config(m, n, k_pad, bits, cuda=False)  # the fused epilogues are gemv_h2's
+        if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
+            cfg = dataclasses.replace(cfg, kind="gemv_asm")
     if gated or rope is not None:
         if cfg.kind != "gemv_h2" or cfg.block_n % 2:
             return None
@@ -222,13 +256,13 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         if _skinny.takes(x2, bits, group_size, in_features):
             return _skinny.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features,
                                   cfg.block_n // (16 * cfg.num_warps), cfg.split_k, cfg.num_warps, cfg.num_stages)
-        cfg = choose_config(m, n, k_pad, bits, skinny=False)
+        cfg = choose_config(m, n, k_pad, bits, skinny=False, cuda=False)
     if cfg.kind == "mma":
         if _few_rows.takes(x2, bits, group_size, in_features):
             return _few_rows.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features, cfg.block_n,
                                     cfg.split_k, cfg.num_warps, cfg.num_stages,
                                     cfg.x_shared)  # float16, as x2 (takes)
-        cfg = choose_config(m, n, k_pad, bits, few_rows=False)
+        cfg = choose_config(m, n, k_pad, bits, few_rows=False, cuda=False)
     if cfg.kind in ("gemv_words", "gemv_asm") and bits == 3:  # no in-place fields in 3-bit units
         cfg = dataclasses.replace(cfg, kind="gemv")
     bk = _fit_block_k(cfg.block_k, k_pad, group_size, per_channel,
@@ -275,7 +309,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
         kern.dot_kernel[grid](x2, qweight, scales, qzeros, b, y, M=m, BLOCK_M=cfg.block_m, UPCAST=upcast,
                               F16X2=f16x2, GT=groups_per_tile, **common)
     else:
-        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2', 'dot', 'mma' or 'skinny', "
+        raise ValueError(f"config.kind must be 'gemv', 'gemv_words', 'gemv_asm', 'gemv_h2', 'dot', 'mma', 'skinny' or 'cuda', "
                          f"got {cfg.kind!r}")
     return y.to(x2.dtype)
 

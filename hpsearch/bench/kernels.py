@@ -97,6 +97,12 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
                 continue
             out.append(KernelConfig("skinny", block_n=16 * rt * nw, block_k=128, block_m=8, split_k=sk, num_warps=nw,
                                     num_stages=depth))
+    if m <= 16 and bits in (2, 3, 4, 8):  # the CUDA C kernel (``_mma_gemv``, run 40): 16 rows a block, K split by warps
+        from hpsearch.kernels import _mma_gemv
+
+        for warps in (1, 2, 4, 8, 16):
+            out.append(KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=8 if m <= 8 else 16,
+                                    num_warps=warps))
     if m <= 16:
         # tensor cores over tiles of several groups
         for bn, bk, nw, sk in ((64, 512, 4, 1), (64, 512, 4, 2), (128, 512, 8, 1), (64, 256, 4, 2),
@@ -319,7 +325,9 @@ def run(args: list[str]) -> dict[str, Any]:
                 if a.sweep:
                     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
                     if bucket:  # choose_config's key for it
-                        if 2 <= m <= 8 and best[1].kind in ("mma", "skinny"):
+                        if best[1].kind == "cuda":
+                            prefix = "cu"
+                        elif 2 <= m <= 8 and best[1].kind in ("mma", "skinny"):
                             prefix, bucket = "gl", 4 if m <= 4 else 8
                         else:
                             prefix = "mma" if best[1].kind == "mma" else ""

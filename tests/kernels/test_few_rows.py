@@ -16,6 +16,13 @@ from packed_cases import assert_replays_match, compile_gluon_sm90, random_qsz, r
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+@pytest.fixture(autouse=True)
+def _triton_choices(monkeypatch):
+    """These are the Gluon kernels' choices; ``test_mma_gemv`` has the CUDA kernel's, which takes 1-16
+    rows first where it runs."""
+    monkeypatch.setenv("HPSEARCH_CUDA_KERNELS", "0")
+
+
 @pytest.fixture
 def few_rows_on(monkeypatch):
     monkeypatch.setenv("HPSEARCH_FEW_ROWS", "1")
