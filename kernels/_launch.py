@@ -42,7 +42,8 @@ class KernelConfig:
     K range into shared memory once, instead of every warp reading them every step; it holds when a
     split is at most ``_few_rows.MAX_SHARED_STEPS`` steps, and ``num_stages`` may then be 1, 2 or 4.
     ``"cuda"``: the CUDA C tensor-core kernel of ``_mma_gemv`` (1-16 rows, 2, 3, 4 and 8 bits; a block
-    takes ``block_n`` = 16 weight rows and splits K across ``num_warps`` warps, 1-16); products it
+    takes ``block_n`` = 16 weight rows and splits K across ``num_warps`` warps, 1-16, each requesting its
+    weights ``num_stages`` steps ahead, 1 or 2); products it
     cannot take (or all, where it cannot be built or ``HPSEARCH_CUDA_KERNELS=0``) run the Triton
     kernels."""
 
@@ -242,7 +243,7 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     if cfg.kind == "cuda":
         if not (gated or rope is not None) and _mma_gemv.takes(x2, bits, group_size, in_features):
             return _mma_gemv.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features,
-                                    cfg.num_warps).to(x2.dtype)
+                                    cfg.num_warps, cfg.num_stages).to(x2.dtype)
         cfg = choose_config(m, n, k_pad, bits, cuda=False)  # the fused epilogues are gemv_h2's
         if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
             cfg = dataclasses.replace(cfg, kind="gemv_asm")

@@ -263,7 +263,7 @@ __device__ __forceinline__ void load_x(const Args& a, int tok, int k0, uint32_t*
   }
 }
 
-template <int BITS, int MT, bool SCALE_AFTER>
+template <int BITS, int MT, bool SCALE_AFTER, int D>
 __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
   using C = Codec<BITS>;
   constexpr int STEP = 4 * C::CODES, PAIRS = C::CODES / 2;
@@ -282,12 +282,15 @@ __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  int s = warp;
-  Chunk<BITS> cur;
-  if (s < steps) load_chunk<BITS>(a, r0, r1, s * STEP + t * C::CODES, cur);
-  for (; s < steps; s += nwarps) {
+  // a ring of D steps of weights in registers: step s + D * nwarps is requested before step s is used
+  Chunk<BITS> ring[D];
+#pragma unroll
+  for (int d = 0; d < D; ++d)
+    if (warp + d * nwarps < steps) load_chunk<BITS>(a, r0, r1, (warp + d * nwarps) * STEP + t * C::CODES, ring[d]);
+  for (int s = warp; s < steps; s += nwarps) {
     Chunk<BITS> next;
-    if (s + nwarps < steps) load_chunk<BITS>(a, r0, r1, (s + nwarps) * STEP + t * C::CODES, next);
+    if (s + D * nwarps < steps) load_chunk<BITS>(a, r0, r1, (s + D * nwarps) * STEP + t * C::CODES, next);
+    const Chunk<BITS>& cur = ring[0];
 
     const int k0 = s * STEP + t * C::CODES;
     uint32_t xp[MT][PAIRS];
@@ -327,19 +330,21 @@ __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
         for (int j = 0; j < PAIRS; j += 2) mma(acc[mt], p0[j], p1[j], p0[j + 1], p1[j + 1], xp[mt][j], xp[mt][j + 1]);
       }
     }
-    cur = next;
+#pragma unroll
+    for (int d = 0; d + 1 < D; ++d) ring[d] = ring[d + 1];
+    ring[D - 1] = next;
   }
 
-  // the warps' partial sums of the block's 16 rows, added in shared memory
-  __shared__ float red[MAX_WARPS][MT * 4 * 32];
+  // the warps' partial sums of the block's 16 rows, added in shared memory ([nwarps][MT * 128])
+  extern __shared__ float red[];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][(mt * 4 + i) * 32 + lane] = acc[mt][i];
+    for (int i = 0; i < 4; ++i) red[warp * MT * 128 + (mt * 4 + i) * 32 + lane] = acc[mt][i];
   __syncthreads();
   for (int e = threadIdx.x; e < MT * 128; e += blockDim.x) {
     float v = 0.f;
-    for (int w = 0; w < nwarps; ++w) v += red[w][e];
+    for (int w = 0; w < nwarps; ++w) v += red[w * MT * 128 + e];
     const int r = e >> 5, ln = e & 31, reg = r & 3;
     const int col = (r >> 2) * 8 + 2 * (ln & 3) + (reg & 1);  // D fragment: c0 c1 row g, c2 c3 row g + 8
     const int row = n0 + (ln >> 2) + 8 * (reg >> 1);
@@ -350,42 +355,50 @@ __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
   }
 }
 
-template <int BITS, int MT>
+template <int BITS, int MT, int D>
 cudaError_t launch_bits(const Args& a, bool scale_after, int warps, cudaStream_t stream) {
   const dim3 grid((a.n + 15) / 16), block(32 * warps);
+  const size_t smem = sizeof(float) * warps * MT * 128;
   if (scale_after) {
-    mma_gemv_kernel<BITS, MT, true><<<grid, block, 0, stream>>>(a);
+    mma_gemv_kernel<BITS, MT, true, D><<<grid, block, smem, stream>>>(a);
   } else {
-    mma_gemv_kernel<BITS, MT, false><<<grid, block, 0, stream>>>(a);
+    mma_gemv_kernel<BITS, MT, false, D><<<grid, block, smem, stream>>>(a);
   }
   return cudaGetLastError();
 }
 
 template <int BITS>
-cudaError_t launch_tiles(const Args& a, bool scale_after, int warps, cudaStream_t stream) {
-  return a.m <= 8 ? launch_bits<BITS, 1>(a, scale_after, warps, stream) : launch_bits<BITS, 2>(a, scale_after, warps, stream);
+cudaError_t launch_tiles(const Args& a, bool scale_after, int warps, int depth, cudaStream_t stream) {
+  if (a.m <= 8) {
+    return depth == 2 ? launch_bits<BITS, 1, 2>(a, scale_after, warps, stream)
+                      : launch_bits<BITS, 1, 1>(a, scale_after, warps, stream);
+  }
+  return depth == 2 ? launch_bits<BITS, 2, 2>(a, scale_after, warps, stream)
+                    : launch_bits<BITS, 2, 1>(a, scale_after, warps, stream);
 }
 
 }  // namespace
 
 // y[m, n] = x[m, :k] @ W_hat[n, :k]^T (+ bias[n]), float16; returns a cudaError_t (0: launched).
 // gshift: log2 of the group size (30 for one group a row); scale_after: each step of 4 chunks lies in
-// one group; warps: 1-16, the K split of a block.
-extern "C" int hps_mma_gemv(int bits, int scale_after, int warps, const void* x, const void* qw, const void* scales,
+// one group; warps: 1-16, the K split of a block; depth: 1 or 2 steps of weights requested ahead.
+extern "C" int hps_mma_gemv(int bits, int scale_after, int warps, int depth, const void* x, const void* qw, const void* scales,
                             const void* qz, const void* bias, void* y, int m, int n, int k, int groups, int gshift,
                             int x_stride, int y_stride, int row_words, int plane_words, int zrow_words, int zplane,
                             void* stream) {
-  if (warps < 1 || warps > MAX_WARPS || m < 1 || m > 16) return static_cast<int>(cudaErrorInvalidValue);
+  if (warps < 1 || warps > MAX_WARPS || m < 1 || m > 16 || depth < 1 || depth > 2) {
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   const Args a{static_cast<const half*>(x), static_cast<const uint32_t*>(qw), static_cast<const half*>(scales),
                static_cast<const uint32_t*>(qz), static_cast<const half*>(bias), static_cast<half*>(y),
                m, n, k, groups, gshift, x_stride, y_stride, row_words, plane_words, zrow_words, zplane};
   const cudaStream_t st = static_cast<cudaStream_t>(stream);
   cudaError_t err;
   switch (bits) {
-    case 2: err = launch_tiles<2>(a, scale_after != 0, warps, st); break;
-    case 3: err = launch_tiles<3>(a, scale_after != 0, warps, st); break;
-    case 4: err = launch_tiles<4>(a, scale_after != 0, warps, st); break;
-    case 8: err = launch_tiles<8>(a, scale_after != 0, warps, st); break;
+    case 2: err = launch_tiles<2>(a, scale_after != 0, warps, depth, st); break;
+    case 3: err = launch_tiles<3>(a, scale_after != 0, warps, depth, st); break;
+    case 4: err = launch_tiles<4>(a, scale_after != 0, warps, depth, st); break;
+    case 8: err = launch_tiles<8>(a, scale_after != 0, warps, depth, st); break;
     default: err = cudaErrorInvalidValue;
   }
   return static_cast<int>(err);

@@ -43,9 +43,9 @@ MAX_ROWS = 16
 MAX_WARPS = 16
 
 _SOURCE = Path(__file__).with_name("_mma_gemv.cu")
-#: ``hps_mma_gemv``'s parameters: bits, scale_after, warps; x, qweight, scales, qzeros, bias, y; m, n,
+#: ``hps_mma_gemv``'s parameters: bits, scale_after, warps, depth; x, qweight, scales, qzeros, bias, y; m, n,
 #: k, groups, gshift, x_stride, y_stride, row_words, plane_words, zrow_words, zplane; stream.
-ARGTYPES = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 11 + [ctypes.c_void_p]
+ARGTYPES = [ctypes.c_int] * 4 + [ctypes.c_void_p] * 6 + [ctypes.c_int] * 11 + [ctypes.c_void_p]
 
 
 def chunk_codes(bits: int) -> int:
@@ -138,12 +138,16 @@ def takes(x2: torch.Tensor, bits: int, group_size: int, in_features: int) -> boo
 
 
 def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
-           bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, warps: int) -> torch.Tensor:
+           bias: torch.Tensor | None, bits: int, group_size: int, in_features: int, warps: int,
+           depth: int = 1) -> torch.Tensor:
     """``x2 [M, K] @ W_hat.T (+ bias)`` as float16 ``[M, N]``; the caller checked :func:`takes`.
 
-    A block takes 16 weight rows and splits K across ``warps`` warps (1-16)."""
+    A block takes 16 weight rows and splits K across ``warps`` warps (1-16); each warp requests its
+    weights ``depth`` steps (1 or 2) ahead of their use."""
     if not 1 <= warps <= MAX_WARPS:
         raise ValueError(f"warps={warps} is not allowed; allowed: 1-{MAX_WARPS}")
+    if depth not in (1, 2):
+        raise ValueError(f"depth={depth} is not allowed; allowed: 1 or 2")
     m, k = x2.shape
     n, g = scales.shape
     per_channel = group_size >= in_features
@@ -160,7 +164,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     b = bias.to(torch.float16).contiguous() if bias is not None else None
     stream = torch.cuda.current_stream(x2.device).cuda_stream
     err = library(x2.device.index or 0).hps_mma_gemv(
-        bits, int(scale_after), warps, x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(),
+        bits, int(scale_after), warps, depth, x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(),
         b.data_ptr() if b is not None else None, y.data_ptr(), m, n, k, g, gshift, x2.stride(0), y.stride(0),
         row_words, plane_words, zrow_words, zplane, stream)
     if err:

@@ -101,8 +101,9 @@ def sweep_configs(m: int, n: int, k: int, bits: int) -> list:
         from hpsearch.kernels import _mma_gemv
 
         for warps in (1, 2, 4, 8, 16):
-            out.append(KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=8 if m <= 8 else 16,
-                                    num_warps=warps))
+            for depth in (1, 2):
+                out.append(KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits),
+                                        block_m=8 if m <= 8 else 16, num_warps=warps, num_stages=depth))
     if m <= 16:
         # tensor cores over tiles of several groups
         for bn, bk, nw, sk in ((64, 512, 4, 1), (64, 512, 4, 2), (128, 512, 8, 1), (64, 256, 4, 2),

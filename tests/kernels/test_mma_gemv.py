@@ -33,8 +33,8 @@ def test_compiles_for_sm90_without_spills(tmp_path):
                            "-o", str(out), str(_mma_gemv._SOURCE)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = proc.stderr
-    # 4 bit-widths x 2 token tiles x 2 scale placements
-    assert report.count("Compiling entry function") == 16
+    # 4 bit-widths x 2 token tiles x 2 scale placements x 2 depths
+    assert report.count("Compiling entry function") == 32
     assert "0 bytes spill stores" in report and " bytes spill stores" in report
     assert all(line.strip().endswith("0 bytes spill loads") for line in report.splitlines() if "spill loads" in line)
 
@@ -49,12 +49,14 @@ def test_builds_a_loadable_library(tmp_path):
     # refused before any launch: warps out of range, rows out of range, unknown bit-width
     lib.hps_mma_gemv.restype = ctypes.c_int
     lib.hps_mma_gemv.argtypes = _mma_gemv.ARGTYPES
-    args = [4, 1, 0] + [None] * 6 + [1, 16, 128, 1, 7, 128, 16, 16, 16, 16, 16, None]
+    args = [4, 1, 0, 1] + [None] * 6 + [1, 16, 128, 1, 7, 128, 16, 16, 16, 16, 16, None]
     assert lib.hps_mma_gemv(*args) != 0  # 0 warps
     args[2] = 4
-    args[9] = 17  # 17 rows
+    args[10] = 17  # 17 rows
     assert lib.hps_mma_gemv(*args) != 0
-    args[9], args[0] = 1, 5  # 5 bits
+    args[10], args[3] = 1, 3  # depth 3
+    assert lib.hps_mma_gemv(*args) != 0
+    args[3], args[0] = 1, 5  # 5 bits
     assert lib.hps_mma_gemv(*args) != 0
 
 
@@ -101,9 +103,11 @@ def test_cpu_products_fall_back(cuda_on):
     assert rel_err(packed_matmul(x, w, config=cfg), matmul_reference(x, w)) < 2e-3
 
 
-def test_launch_refuses_bad_warps():
+def test_launch_refuses_bad_warps_and_depths():
     with pytest.raises(ValueError, match="warps=0 is not allowed; allowed: 1-16"):
         _mma_gemv.launch(torch.empty(1, 8), None, torch.empty(1, 1), None, None, 4, 128, 8, 0)
+    with pytest.raises(ValueError, match="depth=3 is not allowed; allowed: 1 or 2"):
+        _mma_gemv.launch(torch.empty(1, 8), None, torch.empty(1, 1), None, None, 4, 128, 8, 4, 3)
 
 
 CASES = [  # (N, K, group size): N and K off every multiple, per-channel, groups 32 to 256
@@ -126,10 +130,10 @@ def test_matches_reference(bits, n, k, g, m):
     if not _mma_gemv.takes(x, bits, g, k):
         assert (g & (g - 1)) or g < _mma_gemv.chunk_codes(bits) or (m > 1 and k % 8), (n, k, g)
         return
-    for warps in (1, 3, 4, 16):
-        y = _mma_gemv.launch(x, w.qweight, w.scales, w.qzeros, bias, bits, g, k, warps)
+    for warps, depth in ((1, 1), (3, 2), (4, 1), (16, 2)):
+        y = _mma_gemv.launch(x, w.qweight, w.scales, w.qzeros, bias, bits, g, k, warps, depth)
         assert y.shape == (m, n) and y.dtype == torch.float16
-        assert rel_err(y, ref) < 1e-3, (warps, rel_err(y, ref))
+        assert rel_err(y, ref) < 1e-3, (warps, depth, rel_err(y, ref))
     cfg = KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=16, num_warps=4)
     assert rel_err(packed_matmul(x, w, config=cfg), ref) < 1e-3
 
@@ -154,7 +158,8 @@ def test_float16_scaling_is_exact_to_the_fake_quantized_weights(bits, cuda_on):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("bits,rows", [(4, 1), (2, 16), (3, 5), (8, 1)])
 def test_replays_under_cuda_graphs(bits, rows, cuda_on):
-    cfg = KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=16, num_warps=8)
+    cfg = KernelConfig("cuda", block_n=16, block_k=_mma_gemv.step_codes(bits), block_m=16, num_warps=8,
+                       num_stages=2)
     assert_replays_match(cfg, bits, rows)
 
 
