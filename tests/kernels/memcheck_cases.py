@@ -3,7 +3,7 @@ each tensor its own allocation (``PYTORCH_NO_CUDA_MEMORY_CACHING=1``): an access
 then past an allocation, which memcheck reports (the caching allocator's segments hide it).
 
 Covers the one-row kernels, the Triton tensor-core kernel, the few-row Gluon kernel (split K, one, two or
-four steps ahead, activations through shared memory or not), the skinny Gluon kernel (row tiles, warps, steps loaded together, split K), 2/3/4/8 bits with groups of 32 to a whole row and K off the tile, and a small
+four steps ahead, activations through shared memory or not), the CUDA C kernel (warps, depths), the skinny Gluon kernel (row tiles, warps, steps loaded together, split K), 2/3/4/8 bits with groups of 32 to a whole row and K off the tile, and a small
 Llama's and Qwen2's fused decode (siblings, gated MLP, rotary + cache write) at one and four sequences.
 Prints ``done`` at the end.
 """
@@ -29,6 +29,10 @@ def main() -> None:
             for split, ahead, shared in ((3, 1, False), (1, 2, False), (3, 4, True), (5, 2, True)):
                 cfg = KernelConfig("mma", block_n=64, block_k=128, block_m=16, split_k=split, num_stages=ahead,
                                    x_shared=shared)
+                packed_matmul(x, w, config=cfg)
+        if m <= 16:  # the CUDA C kernel (``_mma_gemv``): warps splitting K, one or two steps ahead
+            for warps, depth in ((1, 2), (3, 1), (16, 2)):
+                cfg = KernelConfig("cuda", block_n=16, block_k=128, block_m=16, num_warps=warps, num_stages=depth)
                 packed_matmul(x, w, config=cfg)
         if m <= 8:  # weights as the MMA's A operand (``_skinny``): row tiles, warps, depths, splits
             for rt, nw, split, depth in ((2, 1, 3, 1), (1, 2, 1, 2), (1, 1, 5, 4)):
