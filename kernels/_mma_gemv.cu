@@ -177,23 +177,42 @@ struct Codec<3> {  // one unit: word p of each plane holds pairs 5p .. 5p + 4; p
   }
 };
 
-// The zero of (row, group) from qzeros, packed like the codes (_format.py).
+// The zero of (row, group) from qzeros, packed like the codes (_format.py): the words that hold it
+// (loaded a step ahead with the weights), then the field.
 template <int BITS>
-__device__ __forceinline__ uint32_t zero_of(const uint32_t* __restrict__ qz, int row, int grp, int zrow_words,
-                                            int zplane) {
+struct ZeroWords {
+  static constexpr int N = BITS == 3 ? 3 : 1;
+  uint32_t w[N];
+};
+
+template <int BITS>
+__device__ __forceinline__ void load_zero_words(const uint32_t* __restrict__ qz, int row, int grp, int zrow_words,
+                                                int zplane, ZeroWords<BITS>& z) {
   const uint32_t* zr = qz + (size_t)row * zrow_words;
   if constexpr (BITS == 3) {
     const uint32_t* u = zr + (grp >> 5);
+#pragma unroll
+    for (int q = 0; q < 3; ++q) z.w[q] = __ldg(u + q * zplane);
+  } else {
+    z.w[0] = __ldg(zr + grp / (32 / BITS));
+  }
+}
+
+template <int BITS>
+__device__ __forceinline__ uint32_t zero_field(const ZeroWords<BITS>& z, int grp) {
+  if constexpr (BITS == 3) {
     const int c = grp & 31, j = c >> 1, h = c & 1;
     if (j < 15) {
-      return (__ldg(u + (j / 5) * zplane) >> (16 * h + 3 * (j % 5))) & 7u;
+      const int p = j / 5;
+      const uint32_t w = p == 0 ? z.w[0] : p == 1 ? z.w[1] : z.w[2];
+      return (w >> (16 * h + 3 * (j % 5))) & 7u;
     }
     const int sh = 15 + 16 * h;
-    return ((__ldg(u) >> sh) & 1u) | (((__ldg(u + zplane) >> sh) & 1u) << 1) | (((__ldg(u + 2 * zplane) >> sh) & 1u) << 2);
+    return ((z.w[0] >> sh) & 1u) | (((z.w[1] >> sh) & 1u) << 1) | (((z.w[2] >> sh) & 1u) << 2);
   } else {
     constexpr int P = 32 / BITS;
     const int c = grp % P, slot = c / 2 + (c % 2) * (P / 2);
-    return (__ldg(zr + grp / P) >> (slot * BITS)) & ((1u << BITS) - 1u);
+    return (z.w[0] >> (slot * BITS)) & ((1u << BITS) - 1u);
   }
 }
 
@@ -214,15 +233,34 @@ struct Args {
   int m, n, k, groups, gshift, x_stride, y_stride, row_words, plane_words, zrow_words, zplane;
 };
 
-// A thread's weights of one step: chunk t of rows g and g + 8.
-template <int BITS>
+// What a thread needs for one step, requested D steps ahead of its use: chunk t of rows g and g + 8,
+// their scales and zero words, and (one token tile) the chunk's activation pairs. Every load of a
+// step is in flight together; only their use waits (kernels/NOTES.md run 40: loaded at their use,
+// the scales, zeros and activations put an L2 round trip into every step).
+template <int BITS, int MT>
 struct Chunk {
+  static constexpr int XP = MT == 1 ? Codec<BITS>::CODES / 2 : 1;  // 9-16 rows: loaded at use (registers)
   uint32_t w[2][Codec<BITS>::WORDS * Codec<BITS>::PLANES];
+  ZeroWords<BITS> z[2];
+  unsigned short s[2];
+  int grp;
+  uint32_t x[XP];
 };
 
-template <int BITS>
-__device__ __forceinline__ void load_chunk(const Args& a, int r0, int r1, int k0, Chunk<BITS>& c) {
+template <int CODES>
+__device__ __forceinline__ void load_x(const Args& a, int tok, int k0, uint32_t* xp);
+
+template <int BITS, int MT, bool SCALE_AFTER>
+__device__ __forceinline__ void load_chunk(const Args& a, int r0, int r1, int step, int t, int tok0,
+                                           Chunk<BITS, MT>& c) {
   using C = Codec<BITS>;
+  const int k0 = step * 4 * C::CODES + t * C::CODES;
+  c.grp = min((SCALE_AFTER ? step * 4 * C::CODES : k0) >> a.gshift, a.groups - 1);
+  c.s[0] = __ldg(reinterpret_cast<const unsigned short*>(a.scales) + (size_t)r0 * a.groups + c.grp);
+  c.s[1] = __ldg(reinterpret_cast<const unsigned short*>(a.scales) + (size_t)r1 * a.groups + c.grp);
+  load_zero_words<BITS>(a.qz, r0, c.grp, a.zrow_words, a.zplane, c.z[0]);
+  load_zero_words<BITS>(a.qz, r1, c.grp, a.zrow_words, a.zplane, c.z[1]);
+  if constexpr (MT == 1) load_x<C::CODES>(a, tok0, k0, c.x);
   const int rows[2] = {r0, r1};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -282,24 +320,28 @@ __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[mt][i] = 0.f;
 
-  // a ring of D steps of weights in registers: step s + D * nwarps is requested before step s is used
-  Chunk<BITS> ring[D];
+  // a ring of D steps in registers: step s + D * nwarps is requested before step s is used
+  Chunk<BITS, MT> ring[D];
 #pragma unroll
   for (int d = 0; d < D; ++d)
-    if (warp + d * nwarps < steps) load_chunk<BITS>(a, r0, r1, (warp + d * nwarps) * STEP + t * C::CODES, ring[d]);
+    if (warp + d * nwarps < steps) load_chunk<BITS, MT, SCALE_AFTER>(a, r0, r1, warp + d * nwarps, t, toks[0], ring[d]);
   for (int s = warp; s < steps; s += nwarps) {
-    Chunk<BITS> next;
-    if (s + D * nwarps < steps) load_chunk<BITS>(a, r0, r1, (s + D * nwarps) * STEP + t * C::CODES, next);
-    const Chunk<BITS>& cur = ring[0];
+    Chunk<BITS, MT> next;
+    if (s + D * nwarps < steps) load_chunk<BITS, MT, SCALE_AFTER>(a, r0, r1, s + D * nwarps, t, toks[0], next);
+    const Chunk<BITS, MT>& cur = ring[0];
 
-    const int k0 = s * STEP + t * C::CODES;
     uint32_t xp[MT][PAIRS];
+    if constexpr (MT == 1) {
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) load_x<C::CODES>(a, toks[mt], k0, xp[mt]);
-    const int grp = min((SCALE_AFTER ? s * STEP : k0) >> a.gshift, a.groups - 1);
-    const half s0 = a.scales[(size_t)r0 * a.groups + grp], s1 = a.scales[(size_t)r1 * a.groups + grp];
-    const uint32_t z0 = zero_of<BITS>(a.qz, r0, grp, a.zrow_words, a.zplane);
-    const uint32_t z1 = zero_of<BITS>(a.qz, r1, grp, a.zrow_words, a.zplane);
+      for (int j = 0; j < PAIRS; ++j) xp[0][j] = cur.x[j];
+    } else {
+      const int k0 = s * STEP + t * C::CODES;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) load_x<C::CODES>(a, toks[mt], k0, xp[mt]);
+    }
+    const half s0 = __ushort_as_half(cur.s[0]), s1 = __ushort_as_half(cur.s[1]);
+    const uint32_t z0 = zero_field<BITS>(cur.z[0], cur.grp);
+    const uint32_t z1 = zero_field<BITS>(cur.z[1], cur.grp);
     // -(1024 + z) in both halves
     const typename C::Z zc0 = C::zeros(((z0 | 0x6400u) * 0x10001u) ^ 0x80008000u);
     const typename C::Z zc1 = C::zeros(((z1 | 0x6400u) * 0x10001u) ^ 0x80008000u);
@@ -316,15 +358,17 @@ __global__ void __launch_bounds__(32 * MAX_WARPS) mma_gemv_kernel(Args a) {
     }
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      if constexpr (SCALE_AFTER) {  // the step's sum of (q - z) x, scaled once
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
+      if constexpr (SCALE_AFTER) {  // the step's sum of (q - z) x, scaled once; two MMA chains
+        float d[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
-        for (int j = 0; j < PAIRS; j += 2) mma(d, p0[j], p1[j], p0[j + 1], p1[j + 1], xp[mt][j], xp[mt][j + 1]);
+        for (int j = 0; j < PAIRS; j += 2) {
+          mma(d[(j >> 1) & 1], p0[j], p1[j], p0[j + 1], p1[j + 1], xp[mt][j], xp[mt][j + 1]);
+        }
         const float f0 = __half2float(s0), f1 = __half2float(s1);
-        acc[mt][0] = fmaf(f0, d[0], acc[mt][0]);
-        acc[mt][1] = fmaf(f0, d[1], acc[mt][1]);
-        acc[mt][2] = fmaf(f1, d[2], acc[mt][2]);
-        acc[mt][3] = fmaf(f1, d[3], acc[mt][3]);
+        acc[mt][0] = fmaf(f0, d[0][0] + d[1][0], acc[mt][0]);
+        acc[mt][1] = fmaf(f0, d[0][1] + d[1][1], acc[mt][1]);
+        acc[mt][2] = fmaf(f1, d[0][2] + d[1][2], acc[mt][2]);
+        acc[mt][3] = fmaf(f1, d[0][3] + d[1][3], acc[mt][3]);
       } else {
 #pragma unroll
         for (int j = 0; j < PAIRS; j += 2) mma(acc[mt], p0[j], p1[j], p0[j + 1], p1[j + 1], xp[mt][j], xp[mt][j + 1]);
