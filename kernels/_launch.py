@@ -67,16 +67,24 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
     per SM in flight. See ``kernels/NOTES.md`` for the measurements. ``few_rows``: whether 2-16 rows
     at 2, 3 and 4 bits may take the Gluon kernels (default: unless ``HPSEARCH_FEW_ROWS=0`` turned
     them off); ``skinny``: whether 2-8 rows may take ``"skinny"`` among them; ``cuda``: whether 1-16
-    rows may take the CUDA kernel ``"cuda"`` (default: unless ``HPSEARCH_CUDA_KERNELS=0``; where it
-    cannot run, :func:`packed_matmul` falls back to the Triton choice).
+    rows take the CUDA kernel ``"cuda"`` (default: ``HPSEARCH_CUDA_KERNELS``, ``auto`` where the
+    table's ``cu1:`` / ``cu16:`` entries give it the shape, ``1`` everywhere; ``True`` everywhere;
+    where it cannot run, :func:`packed_matmul` falls back to the Triton choice).
     """
     bucket = 1 if m == 1 else (16 if m <= 16 else 0)
     if few_rows is None:
         few_rows = _few_rows.enabled()
     if cuda is None:
-        cuda = _mma_gemv.enabled()
+        everywhere = _mma_gemv.mode() == "1"
+        cuda = everywhere or _mma_gemv.enabled()
+    else:
+        everywhere = cuda
     if cuda and bucket:
-        return cuda_config(m, n, k, bits)
+        tuned = _tuned_table().get(f"cu{bucket}:{k}x{n}:{bits}")
+        if tuned is not None:
+            return KernelConfig(**tuned)
+        if everywhere:
+            return cuda_config(m, n, k, bits)
     few_rows = few_rows and bucket == 16 and bits in (2, 3, 4)
     if few_rows and skinny and m <= _skinny.MAX_ROWS:
         # 2-4 and 5-8 rows: either Gluon kernel, whichever measured faster (at 4 and at 8 rows)
@@ -134,12 +142,9 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
 
 
 def cuda_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
-    """The ``"cuda"`` launch of an ``[m, k] x [n, k]^T`` product (1-16 rows): the measured table's
-    ``cu1:`` (one row) or ``cu16:`` (2-16 rows) entry, else enough warps a block that the GPU holds
-    about 4096 of them (kernels/NOTES.md run 40), no more than the product has steps of K."""
-    tuned = _tuned_table().get(f"cu{1 if m == 1 else 16}:{k}x{n}:{bits}")
-    if tuned is not None:
-        return KernelConfig(**tuned)
+    """The ``"cuda"`` launch of an ``[m, k] x [n, k]^T`` product (1-16 rows) off the measured table:
+    enough warps a block that the GPU holds about 4096 of them (kernels/NOTES.md run 40), no more
+    than the product has steps of K."""
     blocks = -(-n // 16)
     steps = -(-k // _mma_gemv.step_codes(bits))
     warps = 1
@@ -161,7 +166,7 @@ def fingerprint() -> str:
         h.update((here / name).read_bytes())
     h.update(json.dumps(_tuned_table(), sort_keys=True).encode())
     h.update(b"few-rows" if _few_rows.enabled() else b"")
-    h.update(b"cuda" if _mma_gemv.enabled() else b"")
+    h.update(f"cuda={_mma_gemv.mode()}".encode())
     try:
         import triton
 

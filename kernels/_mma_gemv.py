@@ -14,6 +14,9 @@ headers, about 6 seconds), cached under ``$HPSEARCH_CUDA_CACHE`` (default
 ``~/.cache/hpsearch/cuda``) by source hash and GPU architecture, and launched through ``ctypes`` on
 torch's current stream, so CUDA graphs capture it like any other kernel. Where no ``nvcc`` is found,
 the build fails, or ``HPSEARCH_CUDA_KERNELS=0``, :func:`takes` is false and the Triton kernels run.
+By default (``auto``) it runs only the products the measured table (``_tuned``) gives it: where it
+was timed faster than the Triton kernels; ``HPSEARCH_CUDA_KERNELS=1`` sends it every product it
+takes (kernels/NOTES.md run 40 has the measurements).
 
 Requirements (:func:`takes`): a CUDA device of compute capability 8.0 or newer, float16 activations
 with unit stride and 16-byte aligned rows, 1-16 rows, 2, 3, 4 or 8 bits, a power-of-two group size
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ARGTYPES", "MAX_ROWS", "MAX_WARPS", "build", "chunk_codes", "enabled", "launch", "library", "nvcc",
+__all__ = ["ARGTYPES", "MAX_ROWS", "MAX_WARPS", "build", "chunk_codes", "enabled", "launch", "library", "mode", "nvcc",
            "step_codes", "takes"]
 
 #: Activation rows a launch takes (two token tiles of the MMA's 8 columns).
@@ -58,13 +61,20 @@ def step_codes(bits: int) -> int:
     return 4 * chunk_codes(bits)
 
 
+def mode() -> str:
+    """``HPSEARCH_CUDA_KERNELS``: ``"auto"`` (default: the kernel takes the products the measured
+    table gives it, ``cu1:`` / ``cu16:`` entries of ``_tuned``), ``"1"`` (every 1-16 row product it
+    can take) or ``"0"`` (never); other values are refused."""
+    value = os.environ.get("HPSEARCH_CUDA_KERNELS", "auto")
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"HPSEARCH_CUDA_KERNELS={value!r} is not allowed; allowed: 'auto' (default: where the "
+                         f"measured table says), '1' (every product it takes) or '0' (off)")
+    return value
+
+
 def enabled() -> bool:
-    """Whether the CUDA kernel may run (``HPSEARCH_CUDA_KERNELS=0`` turns it off; other values but
-    ``1`` are refused)."""
-    value = os.environ.get("HPSEARCH_CUDA_KERNELS", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"HPSEARCH_CUDA_KERNELS={value!r} is not allowed; allowed: '0' (off) or '1' (on, default)")
-    return value == "1"
+    """Whether the CUDA kernel may run at all (``HPSEARCH_CUDA_KERNELS`` is not ``0``)."""
+    return mode() != "0"
 
 
 def nvcc() -> str | None:

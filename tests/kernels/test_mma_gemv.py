@@ -63,13 +63,40 @@ def test_builds_a_loadable_library(tmp_path):
 
 def test_env_switch_is_validated(monkeypatch):
     monkeypatch.setenv("HPSEARCH_CUDA_KERNELS", "yes")
-    with pytest.raises(ValueError, match="HPSEARCH_CUDA_KERNELS='yes' is not allowed"):
-        _mma_gemv.enabled()
+    with pytest.raises(ValueError, match="HPSEARCH_CUDA_KERNELS='yes' is not allowed; allowed: 'auto'"):
+        choose_config(1, 11008, 4096, 4)
     monkeypatch.setenv("HPSEARCH_CUDA_KERNELS", "0")
     assert not _mma_gemv.enabled()
     assert choose_config(1, 11008, 4096, 4).kind != "cuda"
     monkeypatch.setenv("HPSEARCH_CUDA_KERNELS", "1")
     assert _mma_gemv.enabled()
+    monkeypatch.delenv("HPSEARCH_CUDA_KERNELS")
+    assert _mma_gemv.mode() == "auto"
+
+
+def test_auto_takes_only_the_tables_shapes(monkeypatch, tmp_path):
+    """By default the CUDA kernel runs where the measured table gives it the shape (``cu1:`` /
+    ``cu16:`` entries), the Triton / Gluon kernels elsewhere."""
+    import json
+
+    from hpsearch.kernels import _launch
+
+    table = {"cu1:4096x11008:4": {"kind": "cuda", "block_n": 16, "block_k": 128, "block_m": 8, "num_warps": 4,
+                                  "num_stages": 2}}
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("HPSEARCH_KERNEL_TUNING", str(path))
+    monkeypatch.delenv("HPSEARCH_CUDA_KERNELS", raising=False)
+    _launch._tuned_table.cache_clear()
+    try:
+        assert choose_config(1, 11008, 4096, 4) == KernelConfig(**table["cu1:4096x11008:4"])
+        assert choose_config(1, 11008, 4096, 2).kind.startswith("gemv")
+        assert choose_config(16, 11008, 4096, 4).kind != "cuda"
+        assert choose_config(1, 11008, 4096, 4, cuda=False).kind.startswith("gemv")
+        monkeypatch.setenv("HPSEARCH_CUDA_KERNELS", "0")
+        assert choose_config(1, 11008, 4096, 4).kind.startswith("gemv")
+    finally:
+        _launch._tuned_table.cache_clear()
 
 
 def test_choose_config_sends_1_to_16_rows_to_it(cuda_on):
