@@ -32,10 +32,14 @@ if __name__ == "kernels":
     # This directory is hpsearch.kernels (pyproject's package-dir). It is imported as the top-level
     # ``kernels`` only when a checkout's root is on sys.path (``python -m ...`` run there) and
     # something asks for Hugging Face's ``kernels`` distribution, as transformers >= 5.25 does for
-    # every model (``transformers.integrations.hub_kernels``). Hand the name to that distribution.
+    # every model (``transformers.integrations.hub_kernels``). Hand the name to that distribution;
+    # where it is not installed, stay an empty module (no ``__version__``: "not installed" to
+    # transformers), not hpsearch.kernels under a second name.
     from ._shadowed import load_shadowed as _load_shadowed
 
-    _sys.modules["kernels"] = _load_shadowed(__file__)
+    _shadowed = _load_shadowed(__file__)
+    if _shadowed is not None:
+        _sys.modules["kernels"] = _shadowed
 else:
     from ._additive_mask import use_additive_mask
     from ._attention import decode_attention, use_decode_attention

@@ -15,9 +15,11 @@ from types import ModuleType
 __all__ = ["load_shadowed"]
 
 
-def load_shadowed(init_file: str) -> ModuleType:
+def load_shadowed(init_file: str) -> ModuleType | None:
     """The ``kernels`` package found on ``sys.path`` past the checkout that holds ``init_file``
-    (Hugging Face's, where installed), executed and returned; ``ImportError`` if there is none."""
+    (Hugging Face's, where installed), executed and returned; None if there is none (the caller
+    then stays an empty module without a ``__version__``, which transformers reads as "not
+    installed")."""
     checkout = os.path.dirname(os.path.dirname(os.path.abspath(init_file)))
     for entry in sys.path:
         if os.path.abspath(entry or os.getcwd()) == checkout:
@@ -33,5 +35,4 @@ def load_shadowed(init_file: str) -> ModuleType:
             del sys.modules["kernels"]
             raise
         return module
-    raise ImportError("no 'kernels' package is installed besides hpsearch's kernels/ directory (which is "
-                      "hpsearch.kernels); install Hugging Face's with `pip install kernels`")
+    return None
