@@ -143,8 +143,8 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
 
 def cuda_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     """The ``"cuda"`` launch of an ``[m, k] x [n, k]^T`` product (1-16 rows) off the measured table:
-    enough warps a block that the GPU holds about 4096 of them (kernels/NOTES.md run 40), no more
-    than the product has steps of K."""
+    enough warps a block that the GPU holds about 4096 of them (the first version's best on an H200
+    held 2700-7200: kernels/NOTES.md run 40), no more than the product has steps of K."""
     blocks = -(-n // 16)
     steps = -(-k // _mma_gemv.step_codes(bits))
     warps = 1
@@ -243,15 +243,13 @@ def _launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzero
     k_pad = padded(k, K_MULTIPLE)
     cfg = config or choose_config(m, n, k_pad, bits)
     per_channel = group_size >= in_features
-    if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
-        cfg = dataclasses.replace(cfg, kind="gemv_asm")
     if cfg.kind == "cuda":
         if not (gated or rope is not None) and _mma_gemv.takes(x2, bits, group_size, in_features):
             return _mma_gemv.launch(x2, qweight, scales, qzeros, bias, bits, group_size, in_features,
                                     cfg.num_warps, cfg.num_stages).to(x2.dtype)
         cfg = choose_config(m, n, k_pad, bits, cuda=False)  # the fused epilogues are gemv_h2's
-        if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
-            cfg = dataclasses.replace(cfg, kind="gemv_asm")
+    if cfg.kind == "gemv_h2" and not _pairs_readable(x2, bits):
+        cfg = dataclasses.replace(cfg, kind="gemv_asm")
     if gated or rope is not None:
         if cfg.kind != "gemv_h2" or cfg.block_n % 2:
             return None
