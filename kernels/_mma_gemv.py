@@ -172,11 +172,12 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, qzeros
     scales, qzeros = scales.contiguous(), qzeros.contiguous()
     y = torch.empty((m, n), dtype=torch.float16, device=x2.device)
     b = bias.to(torch.float16).contiguous() if bias is not None else None
-    stream = torch.cuda.current_stream(x2.device).cuda_stream
-    err = library(x2.device.index or 0).hps_mma_gemv(
-        bits, int(scale_after), warps, depth, x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(), qzeros.data_ptr(),
-        b.data_ptr() if b is not None else None, y.data_ptr(), m, n, k, g, gshift, x2.stride(0), y.stride(0),
-        row_words, plane_words, zrow_words, zplane, stream)
+    with torch.cuda.device(x2.device):  # the library's runtime launches on the thread's current device
+        stream = torch.cuda.current_stream(x2.device).cuda_stream
+        err = library(x2.device.index or 0).hps_mma_gemv(
+            bits, int(scale_after), warps, depth, x2.data_ptr(), qweight.data_ptr(), scales.data_ptr(),
+            qzeros.data_ptr(), b.data_ptr() if b is not None else None, y.data_ptr(), m, n, k, g, gshift,
+            x2.stride(0), y.stride(0), row_words, plane_words, zrow_words, zplane, stream)
     if err:
         raise RuntimeError(f"hps_mma_gemv launch failed: CUDA error {err}")
     return y
