@@ -76,7 +76,7 @@ def choose_config(m: int, n: int, k: int, bits: int, few_rows: bool | None = Non
         few_rows = _few_rows.enabled()
     if cuda is None:
         everywhere = _mma_gemv.mode() == "1"
-        cuda = everywhere or _mma_gemv.enabled()
+        cuda = _mma_gemv.enabled()
     else:
         everywhere = cuda
     if cuda and bucket:

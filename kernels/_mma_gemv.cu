@@ -23,7 +23,7 @@
 // float16 W_hat.
 //
 // Built at first use by hpsearch/kernels/_mma_gemv.py with nvcc into a shared library (no torch
-// headers: a few seconds) and launched through ctypes on the caller's stream, so CUDA graphs
+// headers: about 12 seconds) and launched through ctypes on the caller's stream, so CUDA graphs
 // capture it.
 
 #include <cuda_fp16.h>
@@ -233,6 +233,28 @@ struct Args {
   int m, n, k, groups, gshift, x_stride, y_stride, row_words, plane_words, zrow_words, zplane;
 };
 
+// Activation pairs of one token for codes k0 .. k0 + CODES - 1 (zero past K).
+template <int CODES>
+__device__ __forceinline__ void load_x(const Args& a, int tok, int k0, uint32_t* xp) {
+  const half* row = a.x + (size_t)tok * a.x_stride;
+  if (k0 + CODES <= a.k) {
+    const uint4* v = reinterpret_cast<const uint4*>(row + k0);
+#pragma unroll
+    for (int i = 0; i < CODES / 8; ++i) {
+      const uint4 u = __ldg(v + i);
+      xp[4 * i] = u.x; xp[4 * i + 1] = u.y; xp[4 * i + 2] = u.z; xp[4 * i + 3] = u.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < CODES / 2; ++j) {
+      const int kk = k0 + 2 * j;
+      const uint32_t lo = kk < a.k ? __half_as_ushort(row[kk]) : 0u;
+      const uint32_t hi = kk + 1 < a.k ? __half_as_ushort(row[kk + 1]) : 0u;
+      xp[j] = lo | (hi << 16);
+    }
+  }
+}
+
 // What a thread needs for one step, requested D steps ahead of its use: chunk t of rows g and g + 8,
 // their scales and zero words, and (one token tile) the chunk's activation pairs. Every load of a
 // step is in flight together; only their use waits (kernels/NOTES.md run 40: loaded at their use,
@@ -246,9 +268,6 @@ struct Chunk {
   int grp;
   uint32_t x[XP];
 };
-
-template <int CODES>
-__device__ __forceinline__ void load_x(const Args& a, int tok, int k0, uint32_t* xp);
 
 template <int BITS, int MT, bool SCALE_AFTER>
 __device__ __forceinline__ void load_chunk(const Args& a, int r0, int r1, int step, int t, int tok0,
@@ -275,28 +294,6 @@ __device__ __forceinline__ void load_chunk(const Args& a, int r0, int r1, int st
     } else {
       const uint2 v = __ldcs(reinterpret_cast<const uint2*>(base + (k0 * BITS >> 5)));
       c.w[h][0] = v.x; c.w[h][1] = v.y;
-    }
-  }
-}
-
-// Activation pairs of one token for codes k0 .. k0 + CODES - 1 (zero past K).
-template <int CODES>
-__device__ __forceinline__ void load_x(const Args& a, int tok, int k0, uint32_t* xp) {
-  const half* row = a.x + (size_t)tok * a.x_stride;
-  if (k0 + CODES <= a.k) {
-    const uint4* v = reinterpret_cast<const uint4*>(row + k0);
-#pragma unroll
-    for (int i = 0; i < CODES / 8; ++i) {
-      const uint4 u = __ldg(v + i);
-      xp[4 * i] = u.x; xp[4 * i + 1] = u.y; xp[4 * i + 2] = u.z; xp[4 * i + 3] = u.w;
-    }
-  } else {
-#pragma unroll
-    for (int j = 0; j < CODES / 2; ++j) {
-      const int kk = k0 + 2 * j;
-      const uint32_t lo = kk < a.k ? __half_as_ushort(row[kk]) : 0u;
-      const uint32_t hi = kk + 1 < a.k ? __half_as_ushort(row[kk + 1]) : 0u;
-      xp[j] = lo | (hi << 16);
     }
   }
 }

@@ -7,10 +7,10 @@ code pair into the exact float16 pair ``q - z``, and ``mma.sync.m16n8k16`` takes
 up to 8 tokens (two such tiles for 9-16 tokens) with float32 sums, so the activations cost nothing
 per code. Neither a library kernel nor Triton gives that for this format at 2, 3, 4 and 8 bits
 (kernels/NOTES.md: tinygemm is 4-bit bfloat16 only and slower than ``gemv_h2``; Marlin-family
-kernels need their own weight layout and are not on PyPI for this torch).
+kernels are 4- and 8-bit and need their own weight layout, a second copy of every layer).
 
 The kernel is built at first use with the CUDA toolkit's ``nvcc`` into a shared library (no torch
-headers, about 6 seconds), cached under ``$HPSEARCH_CUDA_CACHE`` (default
+headers, about 12 seconds for its 32 variants), cached under ``$HPSEARCH_CUDA_CACHE`` (default
 ``~/.cache/hpsearch/cuda``) by source hash and GPU architecture, and launched through ``ctypes`` on
 torch's current stream, so CUDA graphs capture it like any other kernel. Where no ``nvcc`` is found,
 the build fails, or ``HPSEARCH_CUDA_KERNELS=0``, :func:`takes` is false and the Triton kernels run.

@@ -1,7 +1,7 @@
 """The CUDA C tensor-core kernel for 1-16 rows (``kernels/_mma_gemv.cu``).
 
-On CPU: the source compiles with nvcc for an H100 (sm_90, no GPU needed; skipped without nvcc) with
-no spills, the launcher refuses bad arguments, ``HPSEARCH_CUDA_KERNELS`` is validated, products it
+On CPU: the source compiles with nvcc for an H100 (sm_90, no GPU needed; skipped without nvcc)
+without real spills (at most 8 bytes in one variant), the launcher refuses bad arguments, ``HPSEARCH_CUDA_KERNELS`` is validated, products it
 cannot take are reported as such, and the dispatch falls back to the Triton kernels. On a GPU: it
 equals the reference over bit-widths, group sizes (32 to a whole row), K and N off every multiple,
 1-16 rows, warps and biases, it is exact to the fake-quantized float16 weights where it scales in
@@ -17,9 +17,6 @@ import torch
 from hpsearch.kernels import KernelConfig, choose_config, dequantize, matmul_reference, pack, packed_matmul
 from hpsearch.kernels import _mma_gemv
 from packed_cases import assert_replays_match, random_qsz, rel_err
-
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
-
 
 @pytest.fixture
 def cuda_on(monkeypatch):
@@ -47,7 +44,7 @@ def test_builds_a_loadable_library(tmp_path):
 
     lib = ctypes.CDLL(str(path))
     assert hasattr(lib, "hps_mma_gemv")
-    # refused before any launch: warps out of range, rows out of range, unknown bit-width
+    # refused before any launch: warps, rows or depth out of range, an unknown bit-width
     lib.hps_mma_gemv.restype = ctypes.c_int
     lib.hps_mma_gemv.argtypes = _mma_gemv.ARGTYPES
     args = [4, 1, 0, 1] + [None] * 6 + [1, 16, 128, 1, 7, 128, 16, 16, 16, 16, 16, None]
